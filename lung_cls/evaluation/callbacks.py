@@ -1,0 +1,166 @@
+"""Thin Lightning callbacks around the pure evaluation functions.
+
+``RunArtifacts`` runs once, after the test of the best checkpoint, and writes the run dir's
+result files: ``predictions.csv`` (val + test), ``cams.npz`` (Grad-CAM of every test image) and
+``metrics.json`` last, so a ``metrics.json`` with ``status: ok`` means the run dir is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from lung_cls.data.sources import CLASS_NAMES
+from lung_cls.evaluation.metrics import binary_metrics, bootstrap_ci, roc_points
+from lung_cls.models.classifier import predict_probs
+from lung_cls.utils.io import atomic_savez, atomic_write_json, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+PREDICTION_FIELDS = ("id", "path", "patient_id", "split", "label", "prob_perfusion", "pred")
+
+
+def split_metrics(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, roc: bool) -> dict:
+    """Point metrics, stratified-bootstrap 95 % CIs and (for test) the ROC points of one split."""
+    out = dict(binary_metrics(y, prob))
+    if len(np.unique(y)) == 2 and n_boot > 0:
+        out["ci95"] = bootstrap_ci(y, prob, n_boot=n_boot, seed=seed)
+    if roc and len(np.unique(y)) == 2:
+        out["roc"] = roc_points(y, prob)
+    return out
+
+
+class RunArtifacts(L.Callback):
+    """Write predictions, CAMs and metrics of the best checkpoint into the run dir (rank 0 only)."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        run_info: dict[str, Any],
+        cams: bool = True,
+        n_boot: int = 2000,
+        cam_batch_size: int = 16,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_info = run_info
+        self.cams = cams
+        self.n_boot = n_boot
+        self.cam_batch_size = cam_batch_size
+        self.result: dict[str, Any] | None = None
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        t0 = time.perf_counter()
+        dm = trainer.datamodule
+        data = dm.prepared
+        net = pl_module.model
+        device = pl_module.device
+
+        # Test probabilities come from the test loop (gathered over ranks); val from one forward pass.
+        outs = pl_module.test_outputs
+        test_idx = outs["idx"].numpy()
+        test_prob = outs["prob"].numpy()
+        val_idx = dm.split_indices("val")
+        with torch.inference_mode(False):
+            val_prob = predict_probs(net, dm.images01(val_idx).to(device)).float().cpu().numpy()
+
+        rows = []
+        for split, idx, prob in (("val", val_idx, val_prob), ("test", test_idx, test_prob)):
+            for i, p in zip(idx, prob, strict=True):
+                rows.append(
+                    {
+                        "id": data.ids[i],
+                        "path": data.paths[i],
+                        "patient_id": data.patient_ids[i],
+                        "split": split,
+                        "label": int(data.labels[i]),
+                        "prob_perfusion": f"{float(p):.6f}",
+                        "pred": int(p >= 0.5),
+                    }
+                )
+        write_csv_atomic(self.run_dir / "predictions.csv", rows, PREDICTION_FIELDS)
+
+        y_test = np.asarray(data.labels)[test_idx]
+        y_val = np.asarray(data.labels)[val_idx]
+        seed = int(self.run_info.get("seed", 0))
+        metrics = {
+            "status": "ok",
+            "error": None,
+            **self.run_info,
+            "best_epoch": int(getattr(pl_module, "best_epoch", -1)),
+            "val/acc_best": float(pl_module.val_acc_best.compute()),
+            "epochs_run": int(trainer.current_epoch),
+            "weights": getattr(pl_module, "weights_origin", None),
+            "class_names": list(CLASS_NAMES),
+            "positive_class": "perfusion",
+            "test": split_metrics(y_test, test_prob, self.n_boot, seed, roc=True),
+            "val": split_metrics(y_val, val_prob, self.n_boot, seed, roc=False),
+            "data": dm.summary,
+        }
+
+        if self.cams:
+            self._write_cams(pl_module, data, test_idx, test_prob)
+        # Timings live apart from metrics.json, so equal runs give byte-identical metrics.json files.
+        atomic_write_json(
+            self.run_dir / "timing.json", {"artifacts_seconds": round(time.perf_counter() - t0, 3)}
+        )
+        atomic_write_json(self.run_dir / "metrics.json", metrics)
+        self.result = metrics
+        self._log_wandb(trainer, metrics, y_test, test_prob)
+
+    def _write_cams(self, pl_module, data, test_idx: np.ndarray, test_prob: np.ndarray) -> None:
+        from lung_cls.evaluation.cam import compute_gradcam, resolve_cam_layer
+
+        net = pl_module.model
+        labels = np.asarray(data.labels)[test_idx]
+        x = torch.from_numpy(np.ascontiguousarray(data.images[test_idx])).unsqueeze(1).float() / 255.0
+        cams = compute_gradcam(
+            net,
+            x.to(pl_module.device),
+            targets=[int(v) for v in labels],
+            batch_size=self.cam_batch_size,
+            layer=resolve_cam_layer(net.net),
+        )
+        arrays: dict[str, np.ndarray] = {
+            "cams": cams.astype(np.float16),
+            "labels": labels.astype(np.int64),
+            "ids": np.asarray(data.ids)[test_idx].astype(str),
+            "images": np.asarray(data.images[test_idx], dtype=np.uint8),
+            "probs": test_prob.astype(np.float32),
+            "preds": (test_prob >= 0.5).astype(np.int64),
+        }
+        for name, masks in (data.masks or {}).items():
+            arrays[f"mask_{name}"] = np.asarray(masks[test_idx], dtype=bool)
+        atomic_savez(self.run_dir / "cams.npz", **arrays)
+
+    def _log_wandb(self, trainer, metrics: dict, y: np.ndarray, prob: np.ndarray) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            import wandb
+
+            run = logger.experiment
+            test = metrics["test"]
+            run.summary.update(
+                {f"test/{k}": test[k] for k in ("acc", "sensitivity", "specificity", "f1", "auc")}
+                | {"val/acc_best": metrics["val/acc_best"], "best_epoch": metrics["best_epoch"]}
+            )
+            probas = np.stack([1 - prob, prob], axis=1)
+            run.log(
+                {
+                    "test/confusion_matrix": wandb.plot.confusion_matrix(
+                        y_true=y.tolist(), preds=(prob >= 0.5).astype(int).tolist(),
+                        class_names=list(CLASS_NAMES),
+                    ),
+                    "test/roc": wandb.plot.roc_curve(y.tolist(), probas.tolist(), labels=list(CLASS_NAMES)),
+                }
+            )

@@ -1,0 +1,146 @@
+"""Build any timm backbone offline, with the input adapter that turns a grey [0, 1] image into what
+the backbone was trained on.
+
+Pretrained weights never come from the network. They resolve in this order:
+1. ``weights=PATH``: a local file, passed through timm's ``pretrained_cfg_overlay=dict(file=...)`` so
+   it gets the same head and input-channel adaptation as a hub download would;
+2. the local Hugging Face cache (or timm's legacy torch-hub cache) for the pinned model tag;
+3. otherwise :class:`WeightsNotFoundError`, which says how to supply weights or train from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights were asked for but no local copy exists."""
+
+
+def _cached_hf_file(hf_hub_id: str | None) -> str | None:
+    """Return a weights file for ``hf_hub_id`` from the local HF cache, without touching the network."""
+    if not hf_hub_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+        return None
+    repo_id = hf_hub_id.split("@")[0]
+    for name in _HF_FILES:
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _cached_torchhub_file(url: str | None) -> str | None:
+    """timm's older releases cached weights under ``$TORCH_HOME/hub/checkpoints/<file name of url>``."""
+    if not url:
+        return None
+    candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return str(candidate) if candidate.is_file() else None
+
+
+def resolve_weights(backbone: str, weights: str | None) -> tuple[str, str]:
+    """Find a local weights file for ``backbone``; return ``(path, origin)``.
+
+    ``origin`` is ``"file"``, ``"hf-cache"`` or ``"torch-hub-cache"`` so the run can record where
+    its weights came from.
+    """
+    if weights:
+        path = Path(os.path.expanduser(str(weights)))
+        if not path.is_file():
+            raise WeightsNotFoundError(f"{path}: model.weights points to no file")
+        return str(path), "file"
+    cfg = timm.get_pretrained_cfg(backbone)
+    if cfg is None:
+        raise WeightsNotFoundError(
+            f"timm has no pretrained tag for '{backbone}'. Pin a tag (e.g. resnet18.tv_in1k), "
+            "give model.weights=/path/to/file, or set model.pretrained=false."
+        )
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    found = _cached_hf_file(cfg.get("hf_hub_id"))
+    if found:
+        return found, "hf-cache"
+    found = _cached_torchhub_file(cfg.get("url"))
+    if found:
+        return found, "torch-hub-cache"
+    hub = cfg.get("hf_hub_id") or backbone
+    raise WeightsNotFoundError(
+        f"No local ImageNet weights for '{backbone}' and nothing is downloaded at run time. Either\n"
+        f"  1. give a local file: model.weights=/path/to/{backbone}.safetensors (or .pth), or\n"
+        f"  2. put them in the Hugging Face cache on a machine with internet "
+        f"(`huggingface-cli download {hub}`) and copy ~/.cache/huggingface here, or\n"
+        f"  3. train from scratch: model.pretrained=false."
+    )
+
+
+def create_backbone(
+    backbone: str,
+    *,
+    pretrained: bool,
+    weights: str | None = None,
+    num_classes: int = 2,
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+) -> tuple[nn.Module, str]:
+    """Create a timm model with a fresh ``num_classes`` head. Returns ``(model, weights_origin)``."""
+    if not timm.is_model(backbone):
+        raise ValueError(
+            f"model.backbone='{backbone}' is not a timm model name (see timm.list_models())"
+        )
+    kwargs: dict = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    if not pretrained:
+        return timm.create_model(backbone, pretrained=False, **kwargs), "scratch"
+    path, origin = resolve_weights(backbone, weights)
+    model = timm.create_model(
+        backbone, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs
+    )
+    log.info("Loaded %s weights from %s (%s)", backbone, path, origin)
+    return model, f"{origin}:{path}"
+
+
+class GreyInput(nn.Module):
+    """Grey image in [0, 1], shape (N, 1, H, W) -> the backbone's channels and normalisation.
+
+    Part of the model (not the data pipeline) so that an exported model, the predictor and Grad-CAM
+    all see exactly what training saw.
+    """
+
+    def __init__(self, in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        if in_chans == 1 and len(mean) != 1:
+            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            x = x.unsqueeze(1)
+        if x.shape[1] != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return (x - self.mean) / self.std
+
+
+class LungNet(nn.Module):
+    """Input adapter + timm backbone: grey [0, 1] (N, 1, H, W) -> 2 logits (ventilation, perfusion)."""
+
+    def __init__(self, net: nn.Module, in_chans: int) -> None:
+        super().__init__()
+        data_cfg = timm.data.resolve_model_data_config(net)
+        self.adapter = GreyInput(in_chans, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.adapter(x))

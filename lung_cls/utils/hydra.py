@@ -1,0 +1,85 @@
+"""Hydra glue shared by the entry points: resolvers, clean errors, instantiation helpers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(Exception):
+    """Bad input or configuration that the user can fix; shown as one line, never a traceback."""
+
+
+@functools.cache
+def cpu_bf16_supported() -> bool:
+    """True where the CPU has native bf16 matrix units (AVX512-BF16 or AMX), so autocast pays off."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch
+        return False
+
+
+def _cpu_precision() -> str:
+    return "bf16-mixed" if cpu_bf16_supported() else "32-true"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("lung_cls.cpu_precision"):
+        OmegaConf.register_new_resolver("lung_cls.cpu_precision", _cpu_precision)
+
+
+register_resolvers()
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "your input or config is wrong" rather than "the program is broken"."""
+    from lung_cls.data.sources import DataError
+
+    errors: list[type[BaseException]] = [UserError, DataError, FileNotFoundError]
+    try:
+        from lung_cls.data.datamodule import DataSetupError
+
+        errors.append(DataSetupError)
+    except ImportError:  # pragma: no cover
+        pass
+    from omegaconf.errors import MissingMandatoryValue
+
+    errors.append(MissingMandatoryValue)
+    return tuple(errors)
+
+
+def clean_errors(fn: F) -> F:
+    """Turn expected errors into one clear line on stderr and exit code 2.
+
+    ``HYDRA_FULL_ERROR=1`` re-raises them so a developer still gets the traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except expected_errors() as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            log.error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def to_container(cfg: DictConfig | Any) -> Any:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
