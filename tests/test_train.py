@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, compose, tiny_overrides
 
 from lung_cls.models.backbone import WeightsNotFoundError, create_backbone
-from lung_cls.train import train
+from lung_cls.train import run, train
 
 PAPER_MODELS = {
     "vgg16": "vgg16.tv_in1k",
@@ -29,7 +29,8 @@ def test_model_config_composes_and_instantiates(tmp_path, name):
     assert cfg.model.backbone == PAPER_MODELS[name]
     assert cfg.model.name == name
     module = hydra.utils.instantiate(cfg.model)
-    x = torch.rand(2, 1, 64, 64)
+    size = 128 if name == "inception_resnet_v2" else 64  # its stem needs >= 75 px
+    x = torch.rand(2, 1, size, size)
     module.eval()
     with torch.no_grad():
         logits = module(x)
@@ -77,7 +78,7 @@ def _run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, Path]:
             *extra,
         ]
     )
-    train(cfg)
+    run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     return json.loads((run_dir / "metrics.json").read_text()), run_dir
 

@@ -1,0 +1,276 @@
+"""Grad-CAM for any timm CNN backbone.
+
+Why this module exists: the paper shows class activation maps of the test images, and the QA tool
+shows one per new study. Two things make that harder than calling ``pytorch_grad_cam`` directly:
+
+* The CAM layer must be found for *any* timm backbone, not just the four paper models. "The last
+  ``Conv2d``" is wrong for timm's VGG (it sits inside the ``pre_logits`` conv head), so the layer is
+  taken from timm's ``feature_info[-1]`` - the deepest spatial feature map the model advertises.
+* Grad-CAM needs autograd and calls ``backward``, while Lightning's test loop runs inside
+  ``torch.inference_mode()``. :func:`compute_gradcam` therefore re-enables autograd locally and
+  leaves the network exactly as it found it (weights, ``requires_grad`` flags, ``.grad`` and the
+  training flag).
+
+Note for the statistics: ``pytorch_grad_cam`` min-max scales every map *per image* to [0, 1]. A CAM
+value is therefore relative to the strongest location in the same image; averages and pixel-wise
+tests over images compare these relative maps, not absolute gradient magnitudes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compute_gradcam", "resolve_cam_layer"]
+
+
+class _ProbeDone(Exception):
+    """Raised from a forward hook to stop the probe forward pass once the layer has fired."""
+
+
+def _find_backbone(net: nn.Module) -> tuple[str, nn.Module]:
+    """Return ``(prefix, module)`` of the first module that carries timm's ``feature_info``.
+
+    Lets callers pass either the bare timm model or a wrapper (e.g. a LightningModule holding the
+    timm model as an attribute): the prefix turns the backbone-relative module name into one that
+    is valid on ``net``.
+    """
+    for name, module in net.named_modules():
+        if getattr(module, "feature_info", None):
+            return name, module
+    return "", net
+
+
+def _last_feature_entry(info: Any) -> dict:
+    """The last entry of timm's feature_info, whether it is a list of dicts or a FeatureInfo."""
+    if hasattr(info, "get_dicts"):  # timm.models.FeatureInfo (features_only models)
+        return dict(info.get_dicts()[-1])
+    return dict(info[-1])
+
+
+def _input_channels(net: nn.Module) -> int:
+    """Number of input channels, from the first conv layer (falls back to timm's pretrained_cfg)."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[0])
+
+
+def _probe_output_shape(
+    backbone: nn.Module, layer: nn.Module, size: tuple[int, int]
+) -> tuple[int, ...]:
+    """Shape of ``layer``'s output on one dummy image, stopping the forward pass right there.
+
+    Runs in eval mode (BatchNorm refuses a batch of one in training mode) under ``no_grad`` and
+    restores the training flag; weights and BN statistics are untouched.
+    """
+    captured: dict[str, tuple[int, ...]] = {}
+
+    def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            captured["shape"] = tuple(out.shape)
+        else:  # e.g. a tuple from an attention block: not a plain feature map
+            captured["shape"] = (-1,)
+        raise _ProbeDone
+
+    param = next(backbone.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros((1, _input_channels(backbone), *size), device=device, dtype=dtype)
+    was_training = backbone.training
+    handle = layer.register_forward_hook(hook)
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            backbone(x)
+    except _ProbeDone:
+        pass
+    finally:
+        handle.remove()
+        backbone.train(was_training)
+    if "shape" not in captured:
+        raise ValueError(
+            f"{type(backbone).__name__}: the CAM layer never ran in a forward pass at {size} px"
+        )
+    return captured["shape"]
+
+
+def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None = None) -> nn.Module:
+    """The Grad-CAM target layer of a timm CNN: the module named by ``feature_info[-1]``.
+
+    ``feature_info[-1]`` is the deepest feature map at the model's final stride (``layer4`` for
+    ResNets, ``conv2d_7b`` for Inception-ResNet-v2, the last max-pool ``features.30`` for VGG,
+    ``stages.3`` for ConvNeXt ...). It is checked with one probe forward pass to really output an
+    ``(N, C, H, W)`` feature map; transformers (token outputs) and channels-last stage outputs are
+    refused with a ``ValueError`` that says why, rather than producing a meaningless map.
+
+    Args:
+        net: a timm model, or a wrapper module that holds one.
+        input_size: probe image size (int or (H, W)); default: the model's pretrained_cfg size.
+    """
+    prefix, backbone = _find_backbone(net)
+    name_of = type(backbone).__name__
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise ValueError(
+            f"{name_of}: backbone is not supported for Grad-CAM: it has no timm feature_info, so "
+            "there is no known spatial feature map to explain (use a timm CNN backbone)"
+        )
+    entry = _last_feature_entry(info)
+    module_name = entry.get("module")
+    if not module_name:
+        raise ValueError(
+            f"{name_of}: backbone is not supported for Grad-CAM: feature_info[-1] names no module"
+        )
+    try:
+        layer = backbone.get_submodule(module_name)
+    except AttributeError as err:
+        raise ValueError(
+            f"{name_of}: backbone is not supported for Grad-CAM: feature_info[-1] names "
+            f"'{module_name}', which is not a submodule ({err})"
+        ) from err
+
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    default_hw = tuple(int(v) for v in cfg.get("input_size", (3, 224, 224))[-2:])
+    if input_size is None:
+        sizes = [default_hw]
+    elif isinstance(input_size, int):
+        sizes = [(input_size, input_size), default_hw]
+    else:
+        sizes = [tuple(int(v) for v in input_size), default_hw]
+    shape: tuple[int, ...] | None = None
+    probe_error = ""
+    for hw in dict.fromkeys(sizes):  # the requested size, then the model's native size
+        try:
+            shape = _probe_output_shape(backbone, layer, hw)  # type: ignore[arg-type]
+            break
+        except Exception as err:  # noqa: BLE001 - any forward failure becomes one clear message
+            probe_error = (
+                f"{name_of}: backbone is not supported for Grad-CAM: a probe forward pass at "
+                f"{hw} px failed before reaching '{module_name}' ({type(err).__name__}: {err})"
+            )
+            log.debug(probe_error)
+    if shape is None:
+        raise ValueError(probe_error)
+
+    if len(shape) != 4:
+        raise ValueError(
+            f"{name_of}: backbone is not supported for Grad-CAM: its CAM layer '{module_name}' "
+            f"outputs shape {shape}, not a 4-D (N, C, H, W) spatial feature map (token-based "
+            "models such as ViTs have no feature map to weight)"
+        )
+    num_chs = entry.get("num_chs")
+    if num_chs is not None and shape[1] != num_chs:
+        how = "channels-last (N, H, W, C)" if shape[-1] == num_chs else "unexpected"
+        raise ValueError(
+            f"{name_of}: backbone is not supported for Grad-CAM: '{module_name}' outputs {shape}, "
+            f"a {how} layout where feature_info promises {num_chs} channels in dim 1"
+        )
+    if shape[-2:] == (1, 1):
+        log.warning(
+            "%s: the Grad-CAM layer '%s' is 1x1 at %s px, so every map will be constant; "
+            "use a larger input",
+            name_of,
+            module_name,
+            hw,
+        )
+    full_name = f"{prefix}.{module_name}" if prefix else module_name
+    log.debug("Grad-CAM layer of %s: %s, output %s at %s px", name_of, full_name, shape, hw)
+    return layer
+
+
+def compute_gradcam(
+    net: nn.Module,
+    inputs: torch.Tensor,
+    targets: Sequence[int],
+    batch_size: int = 16,
+    layer: nn.Module | None = None,
+) -> np.ndarray:
+    """Grad-CAM maps of ``inputs`` for the given target class of each image.
+
+    ``inputs`` are the network's own (normalised) inputs ``(N, C, H, W)``; any memory format. Each
+    map is explained for an explicit class (the true label in the paper's figures), without
+    ``aug_smooth`` (its horizontal flip swaps the left and right lung) or ``eigen_smooth``.
+
+    Safe to call from a Lightning test/predict step: autograd is re-enabled locally, even inside
+    ``torch.inference_mode()``. The network is left as found: parameters are frozen during the
+    call (gradients flow to the input only, so no ``.grad`` is accumulated), and the
+    ``requires_grad`` flags, any existing ``.grad`` tensors and the training flag (Grad-CAM switches
+    to eval mode) are restored afterwards.
+
+    Returns:
+        float32 ``(N, H, W)`` in [0, 1]. ``pytorch_grad_cam`` min-max scales each map per image, so
+        values are relative to the image's own maximum.
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+        shape = getattr(inputs, "shape", None)
+        raise ValueError(f"compute_gradcam: inputs must be a (N, C, H, W) tensor, got {shape}")
+    target_arr = np.asarray(targets).astype(np.int64).reshape(-1)
+    n = int(inputs.shape[0])
+    if target_arr.shape[0] != n:
+        raise ValueError(f"compute_gradcam: {n} images but {target_arr.shape[0]} targets")
+    if batch_size < 1:
+        raise ValueError(f"compute_gradcam: batch_size must be >= 1, got {batch_size}")
+    h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
+    if n == 0:
+        return np.zeros((0, h, w), dtype=np.float32)
+
+    params = list(net.parameters())
+    if not params:
+        raise ValueError("compute_gradcam: the network has no parameters")
+    device, dtype = params[0].device, params[0].dtype
+    was_training = net.training
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    maps: list[np.ndarray] = []
+    try:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device_type=device.type, enabled=False),
+        ):
+            if layer is None:
+                layer = resolve_cam_layer(net, input_size=(h, w))
+            for p in params:
+                p.requires_grad_(False)
+            # clone() inside inference_mode(False) turns a possible inference tensor into a normal
+            # one that autograd may record.
+            x_all = inputs.clone()
+            if x_all.is_floating_point():
+                x_all = x_all.to(device=device, dtype=dtype)
+            else:
+                x_all = x_all.to(device=device, dtype=torch.float32)
+            with GradCAM(model=net, target_layers=[layer]) as cam:
+                for start in range(0, n, batch_size):
+                    xb = x_all[start : start + batch_size].detach().requires_grad_(True)
+                    tb = [
+                        ClassifierOutputTarget(int(t))
+                        for t in target_arr[start : start + batch_size]
+                    ]
+                    try:
+                        out = cam(input_tensor=xb, targets=tb)
+                    except IndexError as err:
+                        # GradCAM.__exit__ would swallow an IndexError (e.g. a bad class index).
+                        raise RuntimeError(f"Grad-CAM failed on images {start}..: {err}") from err
+                    maps.append(np.asarray(out, dtype=np.float32))
+    finally:
+        for p, flag, grad in zip(params, saved_flags, saved_grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+        net.train(was_training)
+    if sum(len(m) for m in maps) != n:
+        raise RuntimeError(f"Grad-CAM returned {sum(len(m) for m in maps)} maps for {n} images")
+    result = np.concatenate(maps, axis=0)
+    np.nan_to_num(result, copy=False, nan=0.0)
+    return np.clip(result, 0.0, 1.0).astype(np.float32, copy=False)
