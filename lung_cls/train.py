@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,13 @@ def open_dict(cfg: DictConfig):
 def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if cfg.get("resume") and not ckpt:
-        ckpt = "last"
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        # resume=true means "continue what is there": re-running a sweep with it resumes the
+        # killed jobs and starts the ones that never got going (ckpt_path=last insists instead).
+        log.warning("%s: no last.ckpt to resume from; starting this run from scratch", run_dir)
+        return None
     if not ckpt:
         return None
     if str(ckpt) == "last":
@@ -93,6 +100,123 @@ def _resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(ckpt)
 
 
+# Strategies with which Lightning starts ranks 1..N-1 by re-running the command line of rank 0.
+_SCRIPT_DDP = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+
+
+def _device_count(devices: Any) -> int | None:
+    """Devices per node as Lightning reads ``trainer.devices``; None where the machine decides."""
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, int):
+        return devices if devices >= 0 else None
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([p for p in text.split(",") if p.strip()])
+    try:
+        n = int(text)
+    except ValueError:  # "auto"
+        return None
+    return n if n >= 0 else None
+
+
+def _ddp_relaunches_script(trainer_cfg: DictConfig) -> bool:
+    """Whether Lightning would start the other DDP ranks by re-running this command line.
+
+    It does so for ``strategy=ddp`` unless a scheduler already started one process per device
+    (SLURM with ``tasks_per_node`` = devices, torchrun, LSF). That works for a single run (Lightning
+    hands rank 0's run dir to the others) but not inside a sweep job, whose process is the sweep's
+    own (or a joblib/submitit worker). When the answer is unsure, say yes: running the job as a
+    single-run subprocess is always correct.
+    """
+    strategy = trainer_cfg.get("strategy", "auto")
+    if isinstance(strategy, str):
+        if strategy not in _SCRIPT_DDP:
+            return False
+    elif not (
+        OmegaConf.is_dict(strategy)
+        and str(strategy.get("_target_", "")).endswith("DDPStrategy")
+        and strategy.get("start_method", "popen") == "popen"
+    ):
+        return False
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    if "LOCAL_RANK" in os.environ or any(
+        env.detect() for env in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment)
+    ):
+        return False
+    n_devices = _device_count(trainer_cfg.get("devices", 1))
+    return n_devices != 1 or int(trainer_cfg.get("num_nodes", 1)) != 1
+
+
+def _runs_on_cpu(trainer_cfg: DictConfig) -> bool:
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator == "cpu":
+        return True
+    if accelerator != "auto":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _adapt_trainer_cfg(cfg: DictConfig) -> None:
+    """Settings that cannot work on this machine, turned off with a warning rather than a crash.
+
+    PyTorch's SyncBatchNorm has no CPU kernel, so ``trainer=ddp trainer.accelerator=cpu`` (gloo)
+    keeps BatchNorm statistics per process; see docs/cluster.md for what stays identical then.
+    """
+    if cfg.trainer.get("sync_batchnorm") and _runs_on_cpu(cfg.trainer):
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # say it once, not once per DDP process
+            log.warning(
+                "trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU "
+                "kernel); turned off: on CPU each DDP process normalises with its own batch "
+                "statistics"
+            )
+        with open_dict(cfg.trainer):
+            cfg.trainer.sync_batchnorm = False
+
+
+def _hydra_quote(value: str) -> str:
+    """A value as a quoted Hydra override string (sweep dirs hold ``=`` and ``,``)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _train_in_subprocess(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run this sweep job as a single-run command line in its own run dir and read its result.
+
+    Why: Lightning's DDP starts ranks 1..N-1 by re-running rank 0's command line, and a sweep job
+    has none of its own. ``python -m lung_cls.train <this job's overrides> hydra.run.dir=<run dir>``
+    is a single run, whose DDP launch Lightning handles; it writes the same run dir.
+    """
+    import subprocess
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    cmd = [
+        sys.executable,
+        "-m",
+        "lung_cls.train",
+        *hydra_cfg.overrides.task,
+        f"hydra.run.dir={_hydra_quote(str(run_dir))}",
+        "hydra.output_subdir=null",  # the sweep job already wrote <run_dir>/.hydra
+    ]
+    log.info("DDP in a sweep job: running it as a single run: %s", " ".join(cmd[2:]))
+    proc = subprocess.run(cmd, cwd=hydra_cfg.runtime.cwd, check=False)
+    result = _read_metrics(run_dir)
+    if proc.returncode != 0 or not result or result.get("status") != "ok":
+        reason = (result or {}).get("error") or f"exit code {proc.returncode}"
+        raise RuntimeError(f"the DDP run (a subprocess of this sweep job) failed: {reason}")
+    return result
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, write the run dir. Returns the metrics.json contents."""
     import lightning as L
@@ -103,6 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lung_cls.evaluation.callbacks import RunArtifacts
 
     run_dir = Path(cfg.paths.output_dir)
+    _adapt_trainer_cfg(cfg)
     # `is not None`: seed=0 is a real seed.
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
@@ -132,12 +257,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_list(cfg.get("callbacks"))
     if cfg.get("resumable"):
         # Full state (optimiser included) after every epoch, only when resuming is asked for.
+        # save_top_k=1 without a monitor keeps the newest epoch under one name; (save_top_k=0,
+        # save_last=True) would write last.ckpt only when training ends, too late for a crash.
         callbacks.append(
             ModelCheckpoint(
                 dirpath=str(run_dir / "checkpoints"),
                 filename="last",
-                save_top_k=0,
-                save_last=True,
+                monitor=None,
+                save_top_k=1,
+                save_last=False,
                 save_weights_only=False,
                 enable_version_counter=False,
             )
@@ -178,25 +306,51 @@ def _finish_wandb() -> None:
         log.debug("wandb.finish failed", exc_info=True)
 
 
+def _keep_logs_before_resume(run_dir: Path) -> None:
+    """Move the CSV metric logs of the interrupted attempt aside before a resume.
+
+    Why: Lightning's CSV logger rewrites ``metrics.csv`` from what it logged itself, so a resumed
+    run would otherwise drop the epochs logged before the crash. They stay as ``metrics.partN.csv``.
+    """
+    for path in sorted(run_dir.rglob("metrics.csv")):
+        n = 1
+        while path.with_name(f"metrics.part{n}.csv").exists():
+            n += 1
+        path.rename(path.with_name(f"metrics.part{n}.csv"))
+        log.info("Resuming: kept the earlier log %s as %s", path, f"metrics.part{n}.csv")
+
+
 def run(cfg: DictConfig) -> float | None:
     """Task wrapper: guards the run dir, records failures, always closes W&B."""
     run_dir = Path(cfg.paths.output_dir)
     metric_name = cfg.get("optimized_metric", "val/acc_best")
     previous = _read_metrics(run_dir)
-    if cfg.get("skip_completed") and previous and previous.get("status") == "ok":
-        log.info("Skipping %s: already complete (skip_completed=true)", run_dir)
-        return previous.get(metric_name)
-    resuming = bool(cfg.get("resume") or cfg.get("ckpt_path"))
-    if previous and not (resuming or cfg.get("overwrite") or cfg.get("skip_completed")):
-        if previous.get("status") == "ok":
-            raise UserError(
-                f"{run_dir}: already holds a completed run; pick another hydra.run.dir, or pass "
-                "skip_completed=true (skip it) or overwrite=true (replace it)"
-            )
+    completed = bool(previous) and previous.get("status") == "ok"
+    if completed and not cfg.get("overwrite"):
+        # A finished run is never replaced silently: skip it (skip_completed, or resume=true with
+        # nothing left to resume) or refuse; only overwrite=true replaces it.
+        if cfg.get("skip_completed") or (cfg.get("resume") and not cfg.get("ckpt_path")):
+            log.info("Skipping %s: already complete", run_dir)
+            return previous.get(metric_name)
+        raise UserError(
+            f"{run_dir}: already holds a completed run; pick another hydra.run.dir, or pass "
+            "skip_completed=true (skip it) or overwrite=true (replace it)"
+        )
+    if previous and not completed:
+        log.warning(
+            "%s: re-running a run that ended with status %r (%s)",
+            run_dir, previous.get("status"), previous.get("error"),
+        )  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume") or cfg.get("ckpt_path"):
+        _keep_logs_before_resume(run_dir)
+    _adapt_trainer_cfg(cfg)
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        result = train(cfg)
+        if _is_multirun() and _ddp_relaunches_script(cfg.trainer):
+            result = _train_in_subprocess(cfg, run_dir)
+        else:
+            result = train(cfg)
         return result.get(metric_name)
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -223,6 +377,45 @@ def run(cfg: DictConfig) -> float | None:
         _finish_wandb()
 
 
+# Launchers that come from optional extras: config name -> (plugin module, extra to install).
+_PLUGIN_LAUNCHERS = {
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "parallel"),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "parallel"),
+}
+
+
+def missing_launcher_plugin(argv: list[str]) -> str | None:
+    """The error to show when the command line picks a launcher whose plugin is not installed.
+
+    Why here: without the plugin Hydra fails while composing the config, with a message about a
+    missing config option that does not say which package to install.
+    """
+    import importlib
+
+    key = "hydra/launcher"
+    chosen = [a for a in argv if a.split("=", 1)[0].lstrip("+~").removeprefix("override ") == key]
+    if not chosen:
+        return None
+    name = chosen[-1].split("=", 1)[-1].strip()
+    if name not in _PLUGIN_LAUNCHERS:
+        return None
+    module, extra = _PLUGIN_LAUNCHERS[name]
+    try:
+        importlib.import_module(module)
+        if extra == "slurm":
+            importlib.import_module("submitit")
+    except ImportError as err:
+        return (
+            f"{key}={name} needs a Hydra launcher plugin that is not installed ({err}); "
+            f'install it with: pip install -e ".[{extra}]"'
+        )
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @clean_errors
 def main(cfg: DictConfig) -> float | None:
@@ -230,4 +423,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if (problem := missing_launcher_plugin(sys.argv[1:])) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

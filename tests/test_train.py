@@ -184,7 +184,7 @@ def test_cli_multirun_writes_complete_run_dirs(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [
         sys.executable, "-m", "lung_cls.train", "-m",
-        "model=resnet18,vgg16", "seed=0,1", "debug=tiny", "trainer.max_epochs=1",
+        "model=resnet18,vgg16", "seed=0,1", "debug=tiny",
         f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -197,3 +197,14 @@ def test_cli_multirun_writes_complete_run_dirs(tmp_path):
         for name in ("predictions.csv", "cams.npz", "checkpoints/best.ckpt"):
             assert (sweep / run / name).is_file()
     assert (sweep / "report" / "report.html").is_file()
+
+
+def test_sweep_dir_names_leave_out_paths_and_launch_flags():
+    from lung_cls.utils.hydra import sweep_subdir
+
+    name = sweep_subdir(
+        ["seed=0", "model=resnet18", "paths.cache_dir=/tmp/c", "hydra/launcher=parallel",
+         "skip_completed=true", "trainer.max_epochs=5", "model.backbone=a/b"]
+    )
+    assert name == "model=resnet18,model.backbone=a_b,seed=0,trainer.max_epochs=5"
+    assert sweep_subdir([]) == "default"

@@ -43,6 +43,20 @@ class TensorBatches:
 
     ``x`` is float in [0, 1], shape (N, 1, H, W). ``epoch_fn`` returns the current epoch so the
     permutation and the augmentation stream depend only on (seed, epoch, batch number).
+
+    ``batch_size`` is the *global* batch: under DDP (``world_size`` > 1) each rank gets its share.
+    Why: so that a run on N devices takes the same optimisation steps as a run on one device.
+
+    - Training (``shuffle=True``): the one global order is padded to a multiple of ``world_size``
+      (as ``DistributedSampler`` does; only when the set does not divide evenly), cut into global
+      batches of ``batch_size``, and rank ``r`` takes ``global_batch[r::world_size]``. With
+      ``batch_size`` and the (padded) set size divisible by ``world_size`` every rank holds the same
+      number of images per step, so DDP's gradient average equals the single-process mean loss.
+      Augmentation is drawn for the whole global batch (same generator seed on every rank) and then
+      sliced, so each image gets exactly the transform it would get in a single-process run.
+    - Evaluation: no padding (no image is counted twice); rank ``r`` takes ``order[r::world_size]``
+      in batches of ``ceil(batch_size / world_size)``. The union of the ranks' batch ``b`` is the
+      single-process batch ``b`` when ``batch_size`` divides by ``world_size``.
     """
 
     def __init__(
@@ -59,48 +73,83 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"TensorBatches: need batch_size >= 1 and 0 <= rank < world_size, got "
+                f"batch_size={batch_size}, rank={rank}, world_size={world_size}"
+            )
+        if world_size > 1 and shuffle and batch_size % world_size:
+            raise DataSetupError(
+                f"data.batch_size={batch_size} does not split evenly over {world_size} DDP "
+                "processes: the global batch is shared out across ranks, so set data.batch_size "
+                "to a multiple of trainer.devices x trainer.num_nodes"
+            )
+        if world_size > 1 and not shuffle and len(indices) < world_size:
+            raise DataSetupError(
+                f"{len(indices)} evaluation image(s) cannot be shared out over {world_size} DDP "
+                "processes: every rank needs at least one"
+            )
         self.images, self.labels, self.indices = images, labels, indices
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.epoch_fn = seed, epoch_fn
         self.rank, self.world_size = rank, world_size
 
+    @property
+    def local_batch_size(self) -> int:
+        """Images per batch on this rank (the global batch size on a single process)."""
+        return -(-self.batch_size // self.world_size)
+
     def _order(self) -> torch.Tensor:
+        """The global order of the images (shuffled per epoch when training), padded for DDP."""
         order = self.indices
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_fn())
             order = order[torch.randperm(len(order), generator=g).to(order.device)]
-        if self.world_size > 1:
-            # Pad to a multiple of world_size (as DistributedSampler does), then take this rank's share.
-            per_rank = -(-len(order) // self.world_size)
-            pad = per_rank * self.world_size - len(order)
+            pad = -len(order) % self.world_size
             if pad:
                 order = torch.cat([order, order[:pad]])
-            order = order[self.rank :: self.world_size]
         return order
 
-    def _n_batches(self, n: int) -> int:
+    def _n_global_batches(self, n: int) -> int:
         full, rest = divmod(n, self.batch_size)
         # A training batch of one image breaks BatchNorm; drop such a remainder when shuffling.
         return full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
 
     def __len__(self) -> int:
         n = len(self.indices)
-        if self.world_size > 1:
-            n = -(-n // self.world_size)
-        return self._n_batches(n)
+        if self.shuffle:
+            return self._n_global_batches(n + (-n % self.world_size))
+        n_local = len(range(self.rank, n, self.world_size))
+        return -(-n_local // self.local_batch_size)
+
+    def _batches(self, order: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, slice | None]]:
+        """``(b, image indices to load, this rank's slice of them or None for all)``."""
+        if self.shuffle:
+            for b in range(self._n_global_batches(len(order))):
+                idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+                share = slice(self.rank, None, self.world_size) if self.world_size > 1 else None
+                yield b, idx, share
+        else:
+            local = order[self.rank :: self.world_size]
+            for b in range(len(self)):
+                yield b, local[b * self.local_batch_size : (b + 1) * self.local_batch_size], None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self._order()
         epoch = self.epoch_fn()
         gen = None
-        for b in range(self._n_batches(len(order))):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+        for b, idx, share in self._batches(order):
+            if share is not None and self.augment is None:
+                idx = idx[share]  # nothing random to draw: load only this rank's images
+                share = None
             x = self.images[idx].unsqueeze(1).float().div_(255.0)
             if self.augment is not None:
                 if gen is None:
                     gen = torch.Generator(device=x.device)
                 gen.manual_seed((self.seed * 1_000_003 + epoch) * 10_007 + b)
                 x = self.augment(x, generator=gen)
+            if share is not None:
+                x, idx = x[share], idx[share]
             yield x, self.labels[idx], idx
 
 
@@ -140,8 +189,16 @@ class LungScanDataModule(L.LightningDataModule):
             raise DataSetupError(f"cannot split the data as configured: {err}") from None
         if counts != {k: tuple(v) for k, v in wanted.items()}:
             log.warning("Split counts scaled to the data available: %s", counts)
-        check_disjoint(splits, np.asarray(data.patient_ids))
+        try:
+            check_disjoint(splits, np.asarray(data.patient_ids))
+        except ValueError as err:
+            raise DataSetupError(f"patient leakage between splits: {err}") from None
         self._check_leakage(data.images, splits)
+        if data.skipped:
+            log.warning(
+                "%d file(s) skipped (data.on_error=skip), listed in metrics.json data.skipped: %s",
+                len(data.skipped), "; ".join(data.skipped),
+            )  # fmt: skip
         train_idx = np.flatnonzero(splits == "train")
         balanced, factor = upsample_indices(train_idx, labels, int(self.cfg.split_seed))
         log.info(
@@ -155,6 +212,7 @@ class LungScanDataModule(L.LightningDataModule):
             "upsample_factor": float(factor),
             "n_train_balanced": int(len(balanced)),
             "patients_disjoint": True,
+            "duplicate_pairs_across_splits": self.summary.get("duplicate_pairs_across_splits", 0),
             "skipped": list(data.skipped),
         }
 
@@ -163,10 +221,13 @@ class LungScanDataModule(L.LightningDataModule):
         self.summary["duplicate_pairs_across_splits"] = len(pairs)
         if not pairs:
             return
-        ids = self.prepared.ids
-        shown = ", ".join(f"{ids[i]} ({splits[i]}) = {ids[j]} ({splits[j]})" for i, j in pairs[:5])
+        mode = str(self.cfg.get("leakage", "error"))
+        if mode not in ("error", "warn"):
+            raise DataSetupError(f"data.leakage must be 'error' or 'warn', got {mode!r}")
+        paths = self.prepared.paths
+        shown = ", ".join(f"{paths[i]} ({splits[i]}) = {paths[j]} ({splits[j]})" for i, j in pairs[:5])
         msg = f"{len(pairs)} image(s) with identical pixels sit in two splits: {shown}"
-        if str(self.cfg.get("leakage", "error")) == "error":
+        if mode == "error":
             raise DataSetupError(msg + " (set data.leakage=warn to continue anyway)")
         log.warning(msg)
 
@@ -192,6 +253,14 @@ class LungScanDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
+        if train and world > 1 and len(indices) % world:
+            log.warning(
+                "DDP: %d training images do not divide by %d processes; %d are repeated each "
+                "epoch (as DistributedSampler does), so the run differs slightly from one process",
+                len(indices),
+                world,
+                -len(indices) % world,
+            )
         return TensorBatches(
             images,
             labels,

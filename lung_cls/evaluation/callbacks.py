@@ -36,6 +36,13 @@ def split_metrics(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, roc: 
     return out
 
 
+def _best_val_acc(pl_module: L.LightningModule) -> float:
+    best = getattr(pl_module, "_best_acc", None)
+    if best is not None and getattr(pl_module, "best_epoch", -1) >= 0:
+        return float(best)
+    return float(pl_module.val_acc_best.compute())
+
+
 class RunArtifacts(L.Callback):
     """Write predictions, CAMs and metrics of the best checkpoint into the run dir (rank 0 only)."""
 
@@ -95,7 +102,9 @@ class RunArtifacts(L.Callback):
             "error": None,
             **self.run_info,
             "best_epoch": int(getattr(pl_module, "best_epoch", -1)),
-            "val/acc_best": float(pl_module.val_acc_best.compute()),
+            # A plain float: MaxMetric.compute() may synchronise across DDP ranks, and only rank 0
+            # runs this hook, so a collective here could wait for ever.
+            "val/acc_best": _best_val_acc(pl_module),
             "epochs_run": int(trainer.current_epoch),
             "weights": getattr(pl_module, "weights_origin", None),
             "class_names": list(CLASS_NAMES),

@@ -21,7 +21,7 @@ class ReportOnMultirunEnd(Callback):
     """Run :func:`lung_cls.report.build_report` on ``hydra.sweep.dir`` after the last job.
 
     Args:
-        enabled: set ``hydra.callbacks.report.enabled=false`` to skip the report.
+        enabled: set ``+hydra.callbacks.report.enabled=false`` to skip the report.
         n_boot: bootstrap resamples; None = the sweep config's ``n_boot`` (else 2000).
         n_perm, seed, log_wandb: passed to :func:`~lung_cls.report.build_report`.
     """

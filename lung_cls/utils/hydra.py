@@ -34,9 +34,37 @@ def _cpu_precision() -> str:
     return "bf16-mixed" if cpu_bf16_supported() else "32-true"
 
 
+# Overrides that say where or how a job runs, not what it computes: left out of sweep dir names.
+_NAME_SKIP_KEYS = {
+    "experiment", "debug", "logger", "trainer", "hydra/launcher", "skip_completed", "resume",
+    "ckpt_path", "overwrite", "cams", "n_boot",
+}
+_NAME_SKIP_PREFIXES = ("paths.", "hydra.", "hydra/", "logger.", "callbacks.")
+
+
+def sweep_subdir(task_overrides: Any) -> str:
+    """Run dir name of a sweep job: its overrides ``key=value`` joined by ``,``, sorted by key.
+
+    Like Hydra's ``override_dirname`` but leaves out overrides that only say where or how the job
+    runs (paths, launcher, logger, resume flags), so the paper sweep's dirs are exactly
+    ``model=resnet18,seed=0`` whatever else is on the command line, and a value can never create
+    sub-folders (``/`` becomes ``_``).
+    """
+    items = []
+    for override in task_overrides or []:
+        key, sep, value = str(override).partition("=")
+        key = key.lstrip("+~")
+        if not sep or key in _NAME_SKIP_KEYS or key.startswith(_NAME_SKIP_PREFIXES):
+            continue
+        items.append((key, value.replace("/", "_").replace(os.sep, "_")))
+    return ",".join(f"{k}={v}" for k, v in sorted(items)) or "default"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("lung_cls.cpu_precision"):
         OmegaConf.register_new_resolver("lung_cls.cpu_precision", _cpu_precision)
+    if not OmegaConf.has_resolver("lung_cls.sweep_subdir"):
+        OmegaConf.register_new_resolver("lung_cls.sweep_subdir", sweep_subdir)
 
 
 register_resolvers()
