@@ -127,8 +127,12 @@ def resize_batch(images: np.ndarray, size: int, mode: str = "bilinear") -> np.nd
     return y[:, 0].numpy()
 
 
-def minmax_255(images: np.ndarray) -> np.ndarray:
-    """Per-image min-max normalisation to 0..255 (float32). Constant images raise ValueError."""
+def minmax_255(images: np.ndarray, *, inplace: bool = False) -> np.ndarray:
+    """Per-image min-max normalisation to 0..255 (float32). Constant images raise ValueError.
+
+    ``inplace=True`` overwrites ``images`` (which must then be float32) instead of allocating a
+    second copy of the set.
+    """
     x = np.asarray(images, dtype=np.float32)
     flat = x.reshape(x.shape[0], -1)
     lo, hi = flat.min(axis=1), flat.max(axis=1)
@@ -136,7 +140,7 @@ def minmax_255(images: np.ndarray) -> np.ndarray:
     if bad.size:
         raise ValueError(f"constant image(s) at index {bad.tolist()}: min == max, cannot normalise")
     scale = (np.float32(255.0) / (hi - lo)).astype(np.float32)
-    out = np.subtract(x, lo[:, None, None], dtype=np.float32)
+    out = np.subtract(x, lo[:, None, None], out=x if inplace else None, dtype=np.float32)
     out *= scale[:, None, None]
     return out
 
@@ -461,7 +465,12 @@ def normalise_set(
     """
     c = prep_config(cfg)
     resized, pads, sides = _square_and_resize(images, int(c["size"]), str(c["resize_mode"]))
-    return minmax_255(resized), pads, sides
+    return minmax_255(resized, inplace=True), pads, sides
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """Round 0..255 floats to the stored grey levels."""
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def preprocess_set(
@@ -470,6 +479,8 @@ def preprocess_set(
     *,
     reference: np.ndarray | None = None,
     timings: dict | None = None,
+    chunk: int = 64,
+    release: bool = False,
 ) -> tuple[np.ndarray, list[dict]]:
     """The paper's pre-processing of a whole set -> (uint8 (N, S, S), per-image records).
 
@@ -480,6 +491,13 @@ def preprocess_set(
     `transform_mask` replays). ``reference``: a mean image to align NMI-fallback images to when
     the set itself has no centroid-centred image (e.g. a single image). ``timings``: filled with
     the seconds spent (benchmarks).
+
+    Images go through steps 1-3 ``chunk`` at a time, straight into the uint8 result, so the float
+    working copies stay small whatever the set size (the 530-image cohort at 224 px would need
+    100 MB per float copy); only the images left for the NMI fallback keep a float copy. The
+    result does not depend on ``chunk``. ``release=True`` (``images`` a list holding the only
+    references) sets each entry to None once its chunk is resized, so the raw images are freed as
+    the set is processed instead of all at the end.
     """
     c = prep_config(cfg)
     size = int(c["size"])
@@ -493,38 +511,46 @@ def preprocess_set(
         if not np.isfinite(a).all():
             raise ValueError(f"image {i}: contains NaN or Inf")
     t0 = time.perf_counter()
-    norm, pads, sides = normalise_set(images, c)
     subpixel = bool(c["subpixel"])
     centre = (size - 1) / 2.0
-    out = np.empty_like(norm)
+    out = np.empty((n, size, size), np.uint8)
     mean_sum = np.zeros((size, size), np.float64)
     n_centred = 0
     infos: list[dict] = []
-    todo: list[int] = []
-    for i in range(n):
-        det = detect_lungs(norm[i], c)
-        info: dict[str, Any] = {
-            "method": "centroid", "shift_y": 0.0, "shift_x": 0.0, "reason": "",
-            "centroids": None, "midpoint": None, "nmi": None,
-            "orig_shape": [int(v) for v in np.shape(images[i])],
-            "pad": [int(pads[i][0]), int(pads[i][1])], "square": int(sides[i]), "size": size,
-        }  # fmt: skip
-        if det["centroids"] is not None:
-            info["centroids"] = np.round(det["centroids"], 3).tolist()
-            info["midpoint"] = np.round(det["midpoint"], 3).tolist()
-        if det["ok"]:
-            dy, dx = centre - det["midpoint"][0], centre - det["midpoint"][1]
-            if not subpixel:
-                dy, dx = float(round(dy)), float(round(dx))
-            info["shift_y"], info["shift_x"] = float(dy), float(dx)
-            out[i] = translate(norm[i], dy, dx, subpixel=subpixel)
-            mean_sum += out[i]
-            n_centred += 1
-        else:
-            info["method"] = "nmi"
-            info["reason"] = det["reason"]
-            todo.append(i)
-        infos.append(info)
+    todo: dict[int, np.ndarray] = {}  # index -> its normalised float image (NMI fallback)
+    chunk = max(1, int(chunk))
+    for start in range(0, n, chunk):
+        norm, pads, sides = normalise_set(images[start : start + chunk], c)
+        shapes = [[int(v) for v in np.shape(images[start + k])] for k in range(len(norm))]
+        if release:
+            images[start : start + len(norm)] = [None] * len(norm)
+        for k in range(len(norm)):
+            i = start + k
+            det = detect_lungs(norm[k], c)
+            info: dict[str, Any] = {
+                "method": "centroid", "shift_y": 0.0, "shift_x": 0.0, "reason": "",
+                "centroids": None, "midpoint": None, "nmi": None,
+                "orig_shape": shapes[k],
+                "pad": [int(pads[k][0]), int(pads[k][1])], "square": int(sides[k]), "size": size,
+            }  # fmt: skip
+            if det["centroids"] is not None:
+                info["centroids"] = np.round(det["centroids"], 3).tolist()
+                info["midpoint"] = np.round(det["midpoint"], 3).tolist()
+            if det["ok"]:
+                dy, dx = centre - det["midpoint"][0], centre - det["midpoint"][1]
+                if not subpixel:
+                    dy, dx = float(round(dy)), float(round(dx))
+                info["shift_y"], info["shift_x"] = float(dy), float(dx)
+                centred = translate(norm[k], dy, dx, subpixel=subpixel)
+                mean_sum += centred
+                n_centred += 1
+                out[i] = _to_uint8(centred)
+            else:
+                info["method"] = "nmi"
+                info["reason"] = det["reason"]
+                todo[i] = norm[k].copy()
+            infos.append(info)
+        del norm
     t1 = time.perf_counter()
     if todo:
         if n_centred:
@@ -533,20 +559,20 @@ def preprocess_set(
             mean = resize_batch(np.asarray(reference, np.float32)[None], size)[0]
         else:
             mean = None
-        for i in todo:
+        for i, moving in todo.items():
             if mean is None:
                 infos[i]["method"] = "none"
                 infos[i]["reason"] += "; no centroid-centred image to build the mean image from"
-                out[i] = norm[i]
+                out[i] = _to_uint8(moving)
                 continue
             rng = np.random.default_rng([int(c["seed"]), i])
-            dy, dx, score, score0 = nmi_search(norm[i], mean, c, rng)
+            dy, dx, score, score0 = nmi_search(moving, mean, c, rng)
             if not subpixel:
                 dy, dx = float(round(dy)), float(round(dx))
             infos[i].update(
                 shift_y=dy, shift_x=dx, nmi=round(score, 6), nmi_unshifted=round(score0, 6)
             )
-            out[i] = translate(norm[i], dy, dx, subpixel=subpixel)
+            out[i] = _to_uint8(translate(moving, dy, dx, subpixel=subpixel))
     t2 = time.perf_counter()
     log.info(
         "Pre-processed %d images in %.2f s (centroid %d, NMI fallback %d in %.2f s)",
@@ -554,9 +580,7 @@ def preprocess_set(
     )  # fmt: skip
     if timings is not None:
         timings.update(total_s=t2 - t0, centroid_s=t1 - t0, nmi_s=t2 - t1, n_nmi=len(todo))
-    np.rint(out, out=out)
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8), infos
+    return out, infos
 
 
 def transform_masks(
@@ -659,8 +683,11 @@ def save_prepared(data: PreparedData, path: str | os.PathLike) -> None:
     }
     if data.masks:
         arrays["mask_names"] = np.array(sorted(data.masks), dtype=str)
-        for name, m in data.masks.items():
-            arrays[f"mask_{name}"] = np.packbits(m, axis=-1)
+        for name in data.masks:
+            if isinstance(data.masks, PackedMasks):  # already packed: no unpack/repack round trip
+                arrays[f"mask_{name}"] = data.masks.packed(name)
+            else:
+                arrays[f"mask_{name}"] = np.packbits(data.masks[name], axis=-1)
     _atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
 
 
@@ -681,6 +708,10 @@ class PackedMasks(Mapping):
             bits = np.unpackbits(self._packed[name], axis=-1, count=self._width)
             self._cache[name] = bits.view(bool)
         return self._cache[name]
+
+    def packed(self, name: str) -> np.ndarray:
+        """The bit-packed array (uint8 (N, S, ceil(S / 8))) as stored in the cache."""
+        return self._packed[name]
 
     def __iter__(self):
         return iter(self._packed)
@@ -728,21 +759,28 @@ def build_prepared(
 
     c = prep_config(prep)
     studies, errors = load_studies(data_cfg)
-    images, infos = preprocess_set([s.pixels for s in studies], c)
+    raw = [s.pixels for s in studies]
+    for s in studies:
+        s.pixels = None  # `raw` holds the only references: freed chunk by chunk below
+    images, infos = preprocess_set(raw, c, release=True)
+    del raw
     for s, info in zip(studies, infos, strict=True):
         if s.meta.get("duplicate_of"):
             info["duplicate_of"] = s.meta["duplicate_of"]
     masks = None
     if studies and all(s.truth is not None and s.truth.get("masks") for s in studies):
+        # One mask set at a time, bit-packed as soon as it is moved: 14 phantom masks of the
+        # 530-image cohort are 370 MB as bool arrays, 47 MB packed (what the cache stores anyway).
         names = sorted({k for s in studies for k in s.truth["masks"]})
-        masks = {}
         size = int(c["size"])
+        packed = {}
         for name in names:
             stack = [
-                np.asarray(s.truth["masks"].get(name, np.zeros(s.pixels.shape, bool)), bool)
-                for s in studies
+                np.asarray(s.truth["masks"].get(name, np.zeros(info["orig_shape"], bool)), bool)
+                for s, info in zip(studies, infos, strict=True)
             ]
-            masks[name] = transform_masks(stack, infos, size)
+            packed[name] = np.packbits(transform_masks(stack, infos, size), axis=-1)
+        masks = PackedMasks(packed, size)
     return PreparedData(
         images=images,
         labels=np.array([-1 if s.label is None else int(s.label) for s in studies], np.int64),

@@ -369,6 +369,34 @@ def _radiopharmaceutical(ds: Any) -> str | None:
     return "; ".join(names) or None
 
 
+def _dicom_truncation(ds: Any, size: int) -> str | None:
+    """Where a parsed file shows it was cut short, in words; None when it looks whole.
+
+    Why: pydicom stops quietly at the end of a truncated file, so a copy that broke off inside the
+    header would otherwise be reported as "no pixel data" - true, but not the reason. Two checks:
+    the file meta group length, and every element's declared value length against the file size.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "FileMetaInformationGroupLength" in meta:
+        try:
+            group_len = int(meta.FileMetaInformationGroupLength)
+        except (TypeError, ValueError):
+            return f"the file meta header breaks off ({size} bytes)"
+        if 132 + 12 + group_len > size:  # preamble + "DICM", the length element, the group
+            return f"the file meta header needs {144 + group_len} bytes, the file has {size}"
+    end, tag = 0, None
+    for elem in ds._dict.values():  # raw elements: still as read, with their file offsets
+        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > end:
+            end, tag = tell + length, elem.tag
+    if tag is not None and end > size:
+        from pydicom.datadict import keyword_for_tag
+
+        name = keyword_for_tag(tag) or str(tag)
+        return f"element {name} {tag} needs {end} bytes, the file has {size}"
+    return None
+
+
 def _read_dicom(path: Path, frame_index: int | None) -> tuple[np.ndarray, dict]:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -393,7 +421,14 @@ def _read_dicom(path: Path, frame_index: int | None) -> tuple[np.ndarray, dict]:
         raise DataError(
             path, f"not an image: a {modality} object ({sop_name}); only planar images are read"
         )
+    cut = _dicom_truncation(ds, path.stat().st_size)
+    if cut is not None:
+        raise DataError(path, f"truncated or corrupt DICOM file: {cut}")
     if not has_pixels:
+        if not modality and not sop:
+            raise DataError(
+                path, "not a readable DICOM image: no SOP class, modality or pixel data (corrupt?)"
+            )
         raise DataError(
             path,
             f"not an image: no pixel data (Modality {modality or 'unknown'}, SOP class {sop_name})",
@@ -789,18 +824,21 @@ def _phantom_studies(data_cfg: Mapping[str, Any]) -> list[Study]:
         int(_cfg_get(data_cfg, "n_ventilation", 136)),
         int(_cfg_get(data_cfg, "phantom_seed", 0)),
     )
-    return [
-        Study(
-            id=c.id,
-            pixels=np.asarray(c.image, dtype=np.float32),
-            label=int(c.label),
-            patient_id=str(c.patient_id),
-            path=f"phantom://{c.id}",
-            meta={"format": "phantom", "view": "ANTERIOR", "modality": "NM"},
-            truth={"params": c.params, "masks": c.masks},
+    studies = []
+    for c in cases:
+        studies.append(
+            Study(
+                id=c.id,
+                pixels=np.asarray(c.image, dtype=np.float32),
+                label=int(c.label),
+                patient_id=str(c.patient_id),
+                path=f"phantom://{c.id}",
+                meta={"format": "phantom", "view": "ANTERIOR", "modality": "NM"},
+                truth={"params": c.params, "masks": c.masks},
+            )
         )
-        for c in cases
-    ]
+        c.image = None  # the uint16 original is copied: free it now, not after the whole cohort
+    return studies
 
 
 def _check_classes(
