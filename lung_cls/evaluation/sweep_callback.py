@@ -33,8 +33,10 @@ class ReportOnMultirunEnd(Callback):
         n_perm: int = 1000,
         seed: int = 0,
         log_wandb: bool | None = None,
+        fail_on_failed_runs: bool = True,
     ) -> None:
         self.enabled = enabled
+        self.fail_on_failed_runs = fail_on_failed_runs
         self.n_boot = n_boot
         self.n_perm = n_perm
         self.seed = seed
@@ -58,3 +60,24 @@ class ReportOnMultirunEnd(Callback):
             log.info("Sweep report: %s", out / "report.html")
         except Exception:  # noqa: BLE001 - the report must never crash the sweep
             log.exception("Could not build the sweep report (the sweep itself is unaffected)")
+        self._exit_status(config)
+
+    def _exit_status(self, config: DictConfig) -> None:
+        """Exit 1 after the report when any job failed, so scripts notice; every result is kept."""
+        if not self.fail_on_failed_runs:
+            return
+        import json
+        import sys
+        from pathlib import Path
+
+        bad = []
+        for metrics in sorted(Path(str(config.hydra.sweep.dir)).glob("*/metrics.json")):
+            try:
+                status = json.loads(metrics.read_text()).get("status")
+            except (OSError, ValueError):
+                status = "unreadable"
+            if status != "ok":
+                bad.append(f"{metrics.parent.name} ({status})")
+        if bad:
+            log.error("%d job(s) of the sweep did not finish: %s", len(bad), ", ".join(bad))
+            sys.exit(1)
