@@ -29,6 +29,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench/preprocess.py
 	$(PY) experiments/bench/overhead.py
+	$(PY) experiments/bench/predict.py
+	$(PY) experiments/bench/memory.py
 
 clean:
 	rm -rf outputs .pytest_cache
