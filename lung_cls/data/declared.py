@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lung_cls.data.sources import _code_meaning  # one reader of DICOM code sequences
+
 log = logging.getLogger(__name__)
 
 PERFUSION = "perfusion"
@@ -206,15 +208,6 @@ def declared_from_texts(
 # --------------------------------------------------------------------------------------------------
 # Where the texts come from
 # --------------------------------------------------------------------------------------------------
-def _code_meaning(item: Any, seq_name: str) -> str | None:
-    seq = item.get(seq_name) if item is not None else None
-    if seq:
-        meaning = seq[0].get("CodeMeaning")
-        if meaning:
-            return str(meaning)
-    return None
-
-
 def dicom_header_texts(path: str | os.PathLike) -> dict[str, str]:
     """The free-text header fields the declared class is parsed from (pixel data is not read).
 
