@@ -184,18 +184,19 @@ def test_cli_multirun_writes_complete_run_dirs(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [
         sys.executable, "-m", "lung_cls.train", "-m",
-        "model=resnet18,vgg16", "seed=0,1", "debug=tiny",
+        "model=resnet18,vgg16", "seed=0,1", "debug=tiny", "trainer.max_epochs=1", "n_boot=50",
         f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.startswith("model="))
-    assert runs == ["model=resnet18,seed=0", "model=resnet18,seed=1", "model=vgg16,seed=0", "model=vgg16,seed=1"]
-    for run in runs:
-        metrics = json.loads((sweep / run / "metrics.json").read_text())
+    # Named by the swept overrides (+ the epochs override); paths and launch flags are left out.
+    assert runs == [f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "vgg16") for s in (0, 1)]
+    for run_name in runs:
+        metrics = json.loads((sweep / run_name / "metrics.json").read_text())
         assert metrics["status"] == "ok", metrics.get("error")
         for name in ("predictions.csv", "cams.npz", "checkpoints/best.ckpt"):
-            assert (sweep / run / name).is_file()
+            assert (sweep / run_name / name).is_file()
     assert (sweep / "report" / "report.html").is_file()
 
 

@@ -22,6 +22,7 @@ epoch instead, which divided by a real epoch's time bounds the ratio.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -164,6 +165,11 @@ def main() -> None:
     print(
         "per-pair wall ratios: "
         + " ".join(f"{p['lightning_wall'] / p['plain_wall']:.3f}" for p in pairs)
+    )
+    extra = statistics.median(p["lightning_cpu"] - p["plain_cpu"] for p in pairs)
+    print(
+        f"lightning - plain, CPU s per epoch (median of pairs): {extra:+.4f} "
+        f"= {1e3 * extra / math.ceil(args.n / args.batch_size):+.2f} ms per step"
     )
     print(
         f"ratio lightning/plain (median of pairs): wall {r_wall:.3f}, cpu {r_cpu:.3f}   "
