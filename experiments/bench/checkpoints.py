@@ -113,7 +113,9 @@ def main() -> None:
             f"{name:<10}{params / 1e6:>7.1f}M | {wm:>10.1f}{ww:>9.3f}{wf:>9.3f} | "
             f"{fm:>9.1f}{fw:>9.3f}{ff:>9.3f} | {fm / wm:>7.2f}{ff / wf:>8.2f}"
         )
-        assert has_opt and not w_has_opt, "full must hold the optimiser state, weights-only must not"
+        assert has_opt and not w_has_opt, (
+            "full must hold the optimiser state, weights-only must not"
+        )
     print("weights = save_weights_only (best.ckpt, on improvement); full = resumable last.ckpt")
 
 
