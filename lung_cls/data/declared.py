@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lung_cls.data.sources import _code_meaning  # one reader of DICOM code sequences
+from lung_cls.data.sources import _radiopharmaceutical  # one reader of that sequence
 
 log = logging.getLogger(__name__)
 
@@ -226,17 +226,9 @@ def dicom_header_texts(path: str | os.PathLike) -> dict[str, str]:
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
             value = " ".join(str(v) for v in value)
         out[name] = str(value)
-    names: list[str] = []
-    for item in ds.get("RadiopharmaceuticalInformationSequence") or []:
-        for value in (
-            item.get("Radiopharmaceutical"),
-            _code_meaning(item, "RadiopharmaceuticalCodeSequence"),
-            _code_meaning(item, "RadionuclideCodeSequence"),
-        ):
-            if value and str(value) not in names:
-                names.append(str(value))
-    if names:
-        out["radiopharmaceutical"] = "; ".join(names)
+    radiopharmaceutical = _radiopharmaceutical(ds)
+    if radiopharmaceutical:
+        out["radiopharmaceutical"] = radiopharmaceutical
     return out
 
 
