@@ -11,6 +11,10 @@ Every measurement runs in a fresh Python process, so one step's peak cannot hide
 * ``folder cold``    - ``prepare_dataset`` on that DICOM folder (``data=folder``), empty cache;
 * ``folder cached``  - the same call again.
 
+``--phases`` adds one more fresh process that runs the cold phantom path step by step
+(``load_studies``, ``preprocess_set``, moving the truth masks) and prints the resident set and
+its high-water mark after each step: where the memory goes.
+
 The peak is the child's ``VmHWM`` (/proc/self/status, the high-water mark of its resident set),
 cross-checked with ``ru_maxrss`` from ``wait4`` on that child (which also counts the brief
 forks a child makes, so it can read higher). "- imports" is the peak minus the baseline: what
@@ -62,6 +66,23 @@ def _child(args: argparse.Namespace) -> None:
         n = len(prepare_dataset(phantom, Path(args.work) / "cache_phantom").images)
     elif args.child == "folder":
         n = len(prepare_dataset(folder, Path(args.work) / "cache_folder").images)
+    elif args.child == "phases":
+        from lung_cls.data.preprocess import _move_masks, prep_config, preprocess_set
+        from lung_cls.data.sources import load_studies
+
+        marks = [("imports", _status_mib("VmRSS"), _status_mib("VmHWM"))]
+        studies, _ = load_studies(phantom)
+        marks.append(("load_studies", _status_mib("VmRSS"), _status_mib("VmHWM")))
+        raw = [s.pixels for s in studies]
+        for s in studies:
+            s.pixels = None
+        _, infos = preprocess_set(raw, prep_config(None), release=True)
+        marks.append(("preprocess_set", _status_mib("VmRSS"), _status_mib("VmHWM")))
+        _move_masks(studies, infos, int(prep_config(None)["size"]))
+        marks.append(("move masks", _status_mib("VmRSS"), _status_mib("VmHWM")))
+        print(json.dumps({"n": len(studies), "wall_s": time.perf_counter() - t0,
+                          "peak_mib": _status_mib("VmHWM"), "marks": marks}))  # fmt: skip
+        return
     elif args.child == "write_dicom":
         from lung_cls.data.dicomio import write_nm_dicom
         from lung_cls.data.phantom import simulate_cohort
@@ -83,6 +104,8 @@ def main() -> None:
     ap.add_argument("--n-ventilation", type=int, default=136)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also show the cold phantom path's memory after each step")  # fmt: skip
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -109,6 +132,14 @@ def main() -> None:
                   f"{r['maxrss_mib']:7.0f} MiB {r['wall_s']:7.1f} s   {verdict}")  # fmt: skip
         print(f"worst peak of loading + pre-processing: {worst:.0f} MiB "
               f"({worst / TARGET_MIB:.2f} of the target)")  # fmt: skip
+        if args.phases:
+            r = _run_child("phases", args)
+            print(f"\nphantom cold, step by step   {'RSS':>8s} {'+ step':>8s} {'peak so far':>12s}")
+            prev = None
+            for name, rss, hwm in r["marks"]:
+                grow = "" if prev is None else f"{rss - prev:+6.0f} MiB"
+                print(f"  after {name:22s} {rss:5.0f} MiB {grow:>8s} {hwm:8.0f} MiB")
+                prev = rss
     finally:
         if own_work:
             shutil.rmtree(args.work, ignore_errors=True)

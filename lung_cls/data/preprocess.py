@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from scipy.special import entr
 
+from lung_cls.data.masks import PackedMasks
+
 log = logging.getLogger(__name__)
 
 PREP_DEFAULTS: dict[str, Any] = {
@@ -636,7 +638,7 @@ class PreparedData:
 def _code_hash() -> str:
     here = Path(__file__)
     h = hashlib.sha1()
-    for name in ("preprocess.py", "sources.py"):
+    for name in ("preprocess.py", "sources.py", "masks.py"):
         f = here.with_name(name)
         if f.exists():
             h.update(f.read_bytes())
@@ -691,38 +693,6 @@ def save_prepared(data: PreparedData, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
 
 
-class PackedMasks(Mapping):
-    """Read-only ``{name: bool (N, S, S)}`` that unpacks a bit-packed mask on first access.
-
-    14 phantom masks of 530 x 224 x 224 are 370 MB as bool but 47 MB packed; unpacking only what a
-    caller touches keeps a cached load fast.
-    """
-
-    def __init__(self, packed: Mapping[str, np.ndarray], width: int) -> None:
-        self._packed = dict(packed)
-        self._width = int(width)
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._cache:
-            bits = np.unpackbits(self._packed[name], axis=-1, count=self._width)
-            self._cache[name] = bits.view(bool)
-        return self._cache[name]
-
-    def packed(self, name: str) -> np.ndarray:
-        """The bit-packed array (uint8 (N, S, ceil(S / 8))) as stored in the cache."""
-        return self._packed[name]
-
-    def __iter__(self):
-        return iter(self._packed)
-
-    def __len__(self) -> int:
-        return len(self._packed)
-
-    def __repr__(self) -> str:
-        return f"PackedMasks({sorted(self._packed)})"
-
-
 def load_prepared(path: str | os.PathLike) -> PreparedData:
     """Inverse of `save_prepared` (masks stay packed until used)."""
     with np.load(path, allow_pickle=False) as z:
@@ -751,6 +721,34 @@ def _prep_from_data_cfg(data_cfg: Mapping[str, Any]) -> Mapping[str, Any] | None
         return None
 
 
+def _move_masks(
+    studies: Sequence[Any], infos: Sequence[Mapping[str, Any]], size: int
+) -> PackedMasks:
+    """Each study's truth masks through its image's geometry, bit-packed -> `PackedMasks`.
+
+    One mask name and ``chunk`` studies at a time, packed as soon as they are moved: the 14
+    phantom masks of the 530-image cohort are 370 MB as bool arrays at 224 px and 47 MB packed
+    (what the cache stores anyway), and the per-study masks (bit-packed themselves) are only
+    unpacked a chunk at a time.
+    """
+    names = sorted({k for s in studies for k in s.truth["masks"]})
+    n, chunk = len(studies), 64
+    packed = {name: np.empty((n, size, (size + 7) // 8), np.uint8) for name in names}
+    for name in names:
+        for start in range(0, n, chunk):
+            part = range(start, min(n, start + chunk))
+            stack = [
+                np.asarray(
+                    studies[i].truth["masks"].get(name, np.zeros(infos[i]["orig_shape"], bool)),
+                    dtype=bool,
+                )
+                for i in part
+            ]
+            moved = transform_masks(stack, [infos[i] for i in part], size)
+            packed[name][start : part.stop] = np.packbits(moved, axis=-1)
+    return PackedMasks(packed, size)
+
+
 def build_prepared(
     data_cfg: Mapping[str, Any], prep: Mapping[str, Any] | None = None
 ) -> PreparedData:
@@ -769,18 +767,7 @@ def build_prepared(
             info["duplicate_of"] = s.meta["duplicate_of"]
     masks = None
     if studies and all(s.truth is not None and s.truth.get("masks") for s in studies):
-        # One mask set at a time, bit-packed as soon as it is moved: 14 phantom masks of the
-        # 530-image cohort are 370 MB as bool arrays, 47 MB packed (what the cache stores anyway).
-        names = sorted({k for s in studies for k in s.truth["masks"]})
-        size = int(c["size"])
-        packed = {}
-        for name in names:
-            stack = [
-                np.asarray(s.truth["masks"].get(name, np.zeros(info["orig_shape"], bool)), bool)
-                for s, info in zip(studies, infos, strict=True)
-            ]
-            packed[name] = np.packbits(transform_masks(stack, infos, size), axis=-1)
-        masks = PackedMasks(packed, size)
+        masks = _move_masks(studies, infos, int(c["size"]))
     return PreparedData(
         images=images,
         labels=np.array([-1 if s.label is None else int(s.label) for s in studies], np.int64),

@@ -42,7 +42,11 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pi
 
 @dataclass
 class Study:
-    """One planar image with what the rest of the pipeline needs to know about it."""
+    """One planar image with what the rest of the pipeline needs to know about it.
+
+    ``pixels``: float32 (H, W) raw counts (after rescale slope/intercept), or for the phantom its
+    uint16 counts as simulated. ``truth`` (phantom only): ``{"params": {...}, "masks": PackedMasks}``.
+    """
 
     id: str
     pixels: np.ndarray
@@ -823,13 +827,14 @@ def _phantom_studies(data_cfg: Mapping[str, Any]) -> list[Study]:
         int(_cfg_get(data_cfg, "n_perfusion", 394)),
         int(_cfg_get(data_cfg, "n_ventilation", 136)),
         int(_cfg_get(data_cfg, "phantom_seed", 0)),
+        pack_masks=True,  # 1/8 of the memory: the 530-image cohort's masks are ~100 MB as bool
     )
     studies = []
     for c in cases:
         studies.append(
             Study(
                 id=c.id,
-                pixels=np.asarray(c.image, dtype=np.float32),
+                pixels=c.image,  # uint16 counts, exact: half the memory of a float32 copy
                 label=int(c.label),
                 patient_id=str(c.patient_id),
                 path=f"phantom://{c.id}",
@@ -837,7 +842,6 @@ def _phantom_studies(data_cfg: Mapping[str, Any]) -> list[Study]:
                 truth={"params": c.params, "masks": c.masks},
             )
         )
-        c.image = None  # the uint16 original is copied: free it now, not after the whole cohort
     return studies
 
 
