@@ -57,7 +57,11 @@ def _instantiate_list(section: DictConfig | None) -> list[Any]:
 
 def _wandb_offline_default(loggers_cfg: DictConfig | None) -> None:
     """`offline: null` -> offline unless W&B credentials are configured on this machine."""
-    if not loggers_cfg or "wandb" not in loggers_cfg or loggers_cfg.wandb.get("offline") is not None:
+    if (
+        not loggers_cfg
+        or "wandb" not in loggers_cfg
+        or loggers_cfg.wandb.get("offline") is not None
+    ):
         return
     has_key = bool(os.environ.get("WANDB_API_KEY"))
     if not has_key:
@@ -271,12 +275,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
         )
     artifacts = RunArtifacts(
-        str(run_dir), run_info, cams=bool(cfg.get("cams", True)), n_boot=int(cfg.get("n_boot", 2000))
+        str(run_dir),
+        run_info,
+        cams=bool(cfg.get("cams", True)),
+        n_boot=int(cfg.get("n_boot", 2000)),
     )
     callbacks.append(artifacts)
     _wandb_offline_default(cfg.get("logger"))
     loggers = _instantiate_list(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
     if loggers:
         for lg in loggers:
             lg.log_hyperparams(to_container(cfg))

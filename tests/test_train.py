@@ -60,10 +60,19 @@ def test_paper_defaults_in_config(tmp_path):
 
 
 def test_fast_dev_run(tmp_path):
-    cfg = compose(tiny_overrides(tmp_path, "debug=fdr", "data.n_perfusion=30", "data.n_ventilation=20",
-                                 "data.preprocess.size=32", "data.split.perfusion=[20,5,5]",
-                                 "data.split.ventilation=[10,5,5]", "data.batch_size=8",
-                                 "model.pretrained=false"))
+    cfg = compose(
+        tiny_overrides(
+            tmp_path,
+            "debug=fdr",
+            "data.n_perfusion=30",
+            "data.n_ventilation=20",
+            "data.preprocess.size=32",
+            "data.split.perfusion=[20,5,5]",
+            "data.split.ventilation=[10,5,5]",
+            "data.batch_size=8",
+            "model.pretrained=false",
+        )
+    )
     result = train(cfg)
     assert result["status"] == "ok"
     assert (Path(cfg.paths.output_dir) / "predictions.csv").is_file()
@@ -88,9 +97,24 @@ def test_run_dir_is_complete_and_seed_reproducible(tmp_path):
     m2, d2 = _run(tmp_path, "b", "seed=0")
     m3, d3 = _run(tmp_path, "c", "seed=1")
     # The run dir holds every promised file.
-    for name in ("metrics.json", "predictions.csv", "cams.npz", "config_resolved.yaml", "checkpoints/best.ckpt"):
+    for name in (
+        "metrics.json",
+        "predictions.csv",
+        "cams.npz",
+        "config_resolved.yaml",
+        "checkpoints/best.ckpt",
+    ):
         assert (d1 / name).is_file(), name
-    for key in ("acc", "sensitivity", "specificity", "f1", "auc", "confusion_matrix", "roc", "ci95"):
+    for key in (
+        "acc",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "auc",
+        "confusion_matrix",
+        "roc",
+        "ci95",
+    ):
         assert key in m1["test"], key
     assert m1["seed"] == 0 and m1["backbone"] == "resnet18.tv_in1k"
     assert 0 <= m1["best_epoch"] < 2 and "val/acc_best" in m1
@@ -129,8 +153,14 @@ def test_kept_checkpoint_is_the_best_val_epoch(tmp_path):
 
     module = Scripted(backbone="resnet18", pretrained=False, optimizer=None)
     ckpt_cb = hydra.utils.instantiate(cfg.callbacks.model_checkpoint, dirpath=str(tmp_path / "ck"))
-    trainer = L.Trainer(max_epochs=5, callbacks=[ckpt_cb], logger=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=5,
+        callbacks=[ckpt_cb],
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
     dm = LungScanDataModule(cfg.data, cache_dir=str(tmp_path / "cache"), seed=0)
     trainer.fit(module, datamodule=dm)
     saved = torch.load(ckpt_cb.best_model_path, weights_only=True, map_location="cpu")
@@ -150,7 +180,9 @@ def test_pretrained_weights_load_from_local_file(tmp_path):
         src.conv1.weight.fill_(0.123)
     path = tmp_path / "resnet18_weights.pth"
     torch.save(src.state_dict(), path)
-    net, origin = create_backbone("resnet18.tv_in1k", pretrained=True, weights=str(path), num_classes=2)
+    net, origin = create_backbone(
+        "resnet18.tv_in1k", pretrained=True, weights=str(path), num_classes=2
+    )
     assert origin.startswith("file:")
     assert torch.allclose(net.conv1.weight, torch.full_like(net.conv1.weight, 0.123))
     assert torch.equal(net.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
@@ -169,7 +201,9 @@ def test_missing_weights_error_names_every_way_out(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFoundError) as err:
         create_backbone("resnet18.tv_in1k", pretrained=True)
     msg = str(err.value)
-    assert "model.weights=" in msg and "model.pretrained=false" in msg and "Hugging Face cache" in msg
+    assert (
+        "model.weights=" in msg and "model.pretrained=false" in msg and "Hugging Face cache" in msg
+    )
     with pytest.raises(WeightsNotFoundError, match="points to no file"):
         create_backbone("resnet18.tv_in1k", pretrained=True, weights=str(tmp_path / "nope.pth"))
 
@@ -183,15 +217,25 @@ def test_invalid_backbone_is_a_clear_error():
 def test_cli_multirun_writes_complete_run_dirs(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [
-        sys.executable, "-m", "lung_cls.train", "-m",
-        "model=resnet18,vgg16", "seed=0,1", "debug=tiny", "trainer.max_epochs=1", "n_boot=50",
-        f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}",
+        sys.executable,
+        "-m",
+        "lung_cls.train",
+        "-m",
+        "model=resnet18,vgg16",
+        "seed=0,1",
+        "debug=tiny",
+        "trainer.max_epochs=1",
+        "n_boot=50",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.startswith("model="))
     # Named by the swept overrides (+ the epochs override); paths and launch flags are left out.
-    assert runs == [f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "vgg16") for s in (0, 1)]
+    assert runs == [
+        f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "vgg16") for s in (0, 1)
+    ]
     for run_name in runs:
         metrics = json.loads((sweep / run_name / "metrics.json").read_text())
         assert metrics["status"] == "ok", metrics.get("error")
@@ -204,8 +248,15 @@ def test_sweep_dir_names_leave_out_paths_and_launch_flags():
     from lung_cls.utils.hydra import sweep_subdir
 
     name = sweep_subdir(
-        ["seed=0", "model=resnet18", "paths.cache_dir=/tmp/c", "hydra/launcher=parallel",
-         "skip_completed=true", "trainer.max_epochs=5", "model.backbone=a/b"]
+        [
+            "seed=0",
+            "model=resnet18",
+            "paths.cache_dir=/tmp/c",
+            "hydra/launcher=parallel",
+            "skip_completed=true",
+            "trainer.max_epochs=5",
+            "model.backbone=a/b",
+        ]
     )
     assert name == "model=resnet18,model.backbone=a_b,seed=0,trainer.max_epochs=5"
     assert sweep_subdir([]) == "default"

@@ -180,11 +180,15 @@ class LungScanDataModule(L.LightningDataModule):
         available = {c: int((labels == c).sum()) for c in (0, 1)}
         for c, n in available.items():
             if n == 0:
-                raise DataSetupError(f"no {CLASS_NAMES[c]} images in the data set: both classes are needed")
+                raise DataSetupError(
+                    f"no {CLASS_NAMES[c]} images in the data set: both classes are needed"
+                )
         wanted = {1: tuple(self.cfg.split.perfusion), 0: tuple(self.cfg.split.ventilation)}
         try:
             counts = scale_counts(wanted, available)
-            splits = grouped_split(labels, np.asarray(data.patient_ids), counts, int(self.cfg.split_seed))
+            splits = grouped_split(
+                labels, np.asarray(data.patient_ids), counts, int(self.cfg.split_seed)
+            )
         except ValueError as err:
             raise DataSetupError(f"cannot split the data as configured: {err}") from None
         if counts != {k: tuple(v) for k, v in wanted.items()}:
@@ -202,7 +206,9 @@ class LungScanDataModule(L.LightningDataModule):
         train_idx = np.flatnonzero(splits == "train")
         balanced, factor = upsample_indices(train_idx, labels, int(self.cfg.split_seed))
         log.info(
-            "Training set balanced by up-sampling: minority x%.4f -> %d images", factor, len(balanced)
+            "Training set balanced by up-sampling: minority x%.4f -> %d images",
+            factor,
+            len(balanced),
         )
         self.splits = splits
         self.train_indices = balanced
@@ -225,7 +231,9 @@ class LungScanDataModule(L.LightningDataModule):
         if mode not in ("error", "warn"):
             raise DataSetupError(f"data.leakage must be 'error' or 'warn', got {mode!r}")
         paths = self.prepared.paths
-        shown = ", ".join(f"{paths[i]} ({splits[i]}) = {paths[j]} ({splits[j]})" for i, j in pairs[:5])
+        shown = ", ".join(
+            f"{paths[i]} ({splits[i]}) = {paths[j]} ({splits[j]})" for i, j in pairs[:5]
+        )
         msg = f"{len(pairs)} image(s) with identical pixels sit in two splits: {shown}"
         if mode == "error":
             raise DataSetupError(msg + " (set data.leakage=warn to continue anyway)")

@@ -129,7 +129,10 @@ class RunArtifacts(L.Callback):
 
         net = pl_module.model
         labels = np.asarray(data.labels)[test_idx]
-        x = torch.from_numpy(np.ascontiguousarray(data.images[test_idx])).unsqueeze(1).float() / 255.0
+        x = (
+            torch.from_numpy(np.ascontiguousarray(data.images[test_idx])).unsqueeze(1).float()
+            / 255.0
+        )
         cams = compute_gradcam(
             net,
             x.to(pl_module.device),
@@ -167,9 +170,12 @@ class RunArtifacts(L.Callback):
             run.log(
                 {
                     "test/confusion_matrix": wandb.plot.confusion_matrix(
-                        y_true=y.tolist(), preds=(prob >= 0.5).astype(int).tolist(),
+                        y_true=y.tolist(),
+                        preds=(prob >= 0.5).astype(int).tolist(),
                         class_names=list(CLASS_NAMES),
                     ),
-                    "test/roc": wandb.plot.roc_curve(y.tolist(), probas.tolist(), labels=list(CLASS_NAMES)),
+                    "test/roc": wandb.plot.roc_curve(
+                        y.tolist(), probas.tolist(), labels=list(CLASS_NAMES)
+                    ),
                 }
             )

@@ -106,7 +106,9 @@ class LungClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ train / val / test
     def on_train_start(self) -> None:
-        if self.best_epoch < 0:  # a resumed run keeps the best it had (restored from the checkpoint)
+        if (
+            self.best_epoch < 0
+        ):  # a resumed run keeps the best it had (restored from the checkpoint)
             self.val_acc_best.reset()
         else:
             self.val_acc_best.update(torch.tensor(self._best_acc))
@@ -168,7 +170,11 @@ class LungClassifier(L.LightningModule):
         if len(idx) == 0:
             return
         order = torch.argsort(idx)
-        self.test_outputs = {"idx": idx[order].cpu(), "prob": prob[order].float().cpu(), "y": y[order].cpu()}
+        self.test_outputs = {
+            "idx": idx[order].cpu(),
+            "prob": prob[order].float().cpu(),
+            "y": y[order].cpu(),
+        }
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -179,7 +185,10 @@ class LungClassifier(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     # ------------------------------------------------------------------ checkpoint contents
     def on_fit_start(self) -> None:
@@ -219,7 +228,9 @@ def predict_probs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64)
     return torch.cat(out) if out else torch.empty(0)
 
 
-def load_lung_net(path: str, map_location: str | torch.device = "cpu") -> tuple[LungNet, dict[str, Any]]:
+def load_lung_net(
+    path: str, map_location: str | torch.device = "cpu"
+) -> tuple[LungNet, dict[str, Any]]:
     """Rebuild the trained network from a run's checkpoint, safely (``weights_only=True``).
 
     Returns ``(net, meta)``: ``net`` in eval mode, ``meta`` the run facts stored at training time

@@ -36,8 +36,17 @@ def _cpu_precision() -> str:
 
 # Overrides that say where or how a job runs, not what it computes: left out of sweep dir names.
 _NAME_SKIP_KEYS = {
-    "experiment", "debug", "logger", "trainer", "hydra/launcher", "skip_completed", "resume",
-    "ckpt_path", "overwrite", "cams", "n_boot",
+    "experiment",
+    "debug",
+    "logger",
+    "trainer",
+    "hydra/launcher",
+    "skip_completed",
+    "resume",
+    "ckpt_path",
+    "overwrite",
+    "cams",
+    "n_boot",
 }
 _NAME_SKIP_PREFIXES = ("paths.", "hydra.", "hydra/", "logger.", "callbacks.")
 
