@@ -206,13 +206,13 @@ def test_local_launcher_sweep_then_report(tmp_path):
     """hydra/launcher=local: 2 models x 2 seeds, report built by the callback after the array."""
     sweep = tmp_path / "sweep"
     proc = _cli(
-        "-m", "model=resnet18,vgg16", "seed=0,1", "debug=tiny", "trainer.max_epochs=1",
+        "-m", "model=resnet18,seresnext26d", "seed=0,1", "debug=tiny", "trainer.max_epochs=1",
         "hydra/launcher=local", f"hydra.sweep.dir={sweep}", root=tmp_path,
     )  # fmt: skip
     runs = _run_dirs(sweep)
     # Named by the overrides, as in a local sweep (trainer.max_epochs=1 is an override too).
     assert [r.name for r in runs] == [
-        f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "vgg16") for s in (0, 1)
+        f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "seresnext26d") for s in (0, 1)
     ]
     assert (sweep / ".submitit").is_dir()  # the jobs really went through submitit
     last_job = 0.0
@@ -227,7 +227,7 @@ def test_local_launcher_sweep_then_report(tmp_path):
     assert table.is_file(), proc.stdout[-2000:] + proc.stderr[-2000:]
     assert table.stat().st_mtime >= last_job  # on_multirun_end: after the last job
     models = {row["model"] for row in csv.DictReader(table.open())}
-    assert {"resnet18", "vgg16"} <= models
+    assert {"resnet18", "seresnext26d"} <= models
 
     # ... and by hand, from the run dirs alone.
     out = tmp_path / "by_hand"

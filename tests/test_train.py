@@ -221,7 +221,7 @@ def test_cli_multirun_writes_complete_run_dirs(tmp_path):
         "-m",
         "lung_cls.train",
         "-m",
-        "model=resnet18,vgg16",
+        "model=resnet18,seresnext26d",
         "seed=0,1",
         "debug=tiny",
         "trainer.max_epochs=1",
@@ -234,7 +234,7 @@ def test_cli_multirun_writes_complete_run_dirs(tmp_path):
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.startswith("model="))
     # Named by the swept overrides (+ the epochs override); paths and launch flags are left out.
     assert runs == [
-        f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "vgg16") for s in (0, 1)
+        f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "seresnext26d") for s in (0, 1)
     ]
     for run_name in runs:
         metrics = json.loads((sweep / run_name / "metrics.json").read_text())
