@@ -36,7 +36,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lung_cls.data.sources import CLASS_NAMES
-from lung_cls.utils.hydra import UserError, clean_errors
+from lung_cls.utils.hydra import UserError, clean_errors, quote_path_overrides
 from lung_cls.utils.io import atomic_write_json
 
 log = logging.getLogger("lung_cls.export")
@@ -331,4 +331,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run-dir paths hold "=" and ","
     main()

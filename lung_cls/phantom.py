@@ -28,7 +28,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lung_cls.utils.hydra import UserError
+from lung_cls.utils.hydra import UserError, quote_path_overrides
 
 log = logging.getLogger(__name__)
 
@@ -175,4 +175,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run-dir paths hold "=" and ","
     main()

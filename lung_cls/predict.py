@@ -57,7 +57,7 @@ from lung_cls.data.declared import (
     read_declared_manifest,
 )
 from lung_cls.data.sources import CLASS_NAMES, DataError, has_dicom_preamble, to_plain
-from lung_cls.utils.hydra import UserError, clean_errors
+from lung_cls.utils.hydra import UserError, clean_errors, quote_path_overrides
 from lung_cls.utils.io import atomic_write_json, write_csv_atomic
 
 log = logging.getLogger("lung_cls.predict")
@@ -833,4 +833,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run-dir paths hold "=" and ","
     main()

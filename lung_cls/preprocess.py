@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from lung_cls.utils.hydra import UserError, clean_errors
+from lung_cls.utils.hydra import UserError, clean_errors, quote_path_overrides
 
 log = logging.getLogger(__name__)
 
@@ -225,4 +226,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run-dir paths hold "=" and ","
     main()

@@ -1279,7 +1279,13 @@ def _main(cfg: Any) -> None:
 
 def main() -> None:
     """``python -m lung_cls.report sweep_dir=DIR`` (config: ``conf/report.yaml``)."""
+    import sys
+
     import hydra
+
+    from lung_cls.utils.hydra import quote_path_overrides
+
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run-dir paths hold "=" and ","
 
     hydra.main(version_base="1.3", config_path="../conf", config_name="report")(_main)()
 

@@ -23,7 +23,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lung_cls.utils.hydra import UserError, clean_errors, expected_errors, to_container
+from lung_cls.utils.hydra import (
+    UserError,
+    clean_errors,
+    expected_errors,
+    quote_path_overrides,
+    to_container,
+)
 from lung_cls.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("lung_cls.train")
@@ -432,6 +438,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
     if (problem := missing_launcher_plugin(sys.argv[1:])) is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

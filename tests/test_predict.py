@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -557,10 +558,15 @@ def test_every_planted_mismatch_is_flagged(trained, tmp_path):
 
 @pytest.mark.slow
 def test_cli_fail_on_mismatch_exit_code(trained, tmp_path):
+    # The checkpoint sits where a sweep puts it: the run dir's name holds "=" and ",", and the
+    # path is typed as it is, unquoted, as in the README.
+    ckpt = tmp_path / "sweep" / "model=resnet18,seed=0" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copyfile(trained["ckpt"], ckpt)
     res = run_cli(
         "lung_cls.predict",
         [
-            f"ckpt={trained['ckpt']}",
+            f"ckpt={ckpt}",
             f"input={trained['input']}",
             f"output={tmp_path / 'o'}",
             "fail_on_mismatch=true",
@@ -570,6 +576,8 @@ def test_cli_fail_on_mismatch_exit_code(trained, tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "mismatch" in res.stdout
     assert (tmp_path / "o" / "predictions.csv").is_file()  # outputs are written before exiting
+    data = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert [m["path"] for m in data["models"]] == [str(ckpt)]
 
 
 @pytest.mark.slow

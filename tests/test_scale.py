@@ -212,7 +212,9 @@ def test_local_launcher_sweep_then_report(tmp_path):
     runs = _run_dirs(sweep)
     # Named by the overrides, as in a local sweep (trainer.max_epochs=1 is an override too).
     assert [r.name for r in runs] == [
-        f"model={m},seed={s},trainer.max_epochs=1" for m in ("resnet18", "seresnext26d") for s in (0, 1)
+        f"model={m},seed={s},trainer.max_epochs=1"
+        for m in ("resnet18", "seresnext26d")
+        for s in (0, 1)
     ]
     assert (sweep / ".submitit").is_dir()  # the jobs really went through submitit
     last_job = 0.0

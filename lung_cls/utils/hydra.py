@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -67,6 +68,39 @@ def sweep_subdir(task_overrides: Any) -> str:
             continue
         items.append((key, value.replace("/", "_").replace(os.sep, "_")))
     return ",".join(f"{k}={v}" for k, v in sorted(items)) or "default"
+
+
+_OVERRIDE_KEY = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.@/-]*$")
+_SWEEP_FUNCTION = re.compile(r"^[A-Za-z_]\w*\(")
+
+
+def quote_path_overrides(args: list[str]) -> list[str]:
+    """Quote override values that hold an ``=``, so run-dir paths can be typed as they are.
+
+    A sweep's run dirs are named by their overrides (``model=resnet18,seed=0``), so a checkpoint path
+    such as ``ckpt=outputs/demo/<time>/model=resnet18,seed=0/checkpoints/best.ckpt`` holds ``=`` and
+    ``,``, which Hydra's override grammar cannot read unquoted ("mismatched input '='"). An
+    unquoted ``=`` inside a value is never valid Hydra syntax except in a sweep function's keyword
+    arguments (``interval(start=0, end=1)``), so quoting such a value only turns a parse error
+    into the literal string. Values already quoted, lists, dicts and sweep functions are left as
+    they are; so is every argument that is not ``key=value`` (flags such as ``-m``).
+    """
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if (
+            sep
+            and "=" in value
+            and _OVERRIDE_KEY.match(key)
+            and value[:1] not in ("'", '"', "[", "{")
+            and not _SWEEP_FUNCTION.match(value)
+        ):
+            if "'" not in value:
+                arg = f"{key}='{value}'"
+            elif '"' not in value:
+                arg = f'{key}="{value}"'
+        out.append(arg)
+    return out
 
 
 def register_resolvers() -> None:
