@@ -469,6 +469,8 @@ def test_cli_bad_input_is_one_line_without_traceback(corpus, tmp_path):
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1, err[-3000:]
         assert lines[0].startswith(f"error: {path}: ") and reason in lines[0], lines[0]
+        message = lines[0].removeprefix("error: ")
+        assert (out + err).count(message) == 1, out[-3000:]  # shown once, not logged again
     rc, out, err = results["full"]
     assert rc != 0 and "Traceback" in err and "DataError" in err, err[-3000:]
 

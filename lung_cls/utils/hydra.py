@@ -129,6 +129,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _log_to_files(level: int, message: str) -> None:
+    """Write one record to the log files only (the job's ``<task>.log``), not to the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def clean_errors(fn: F) -> F:
     """Turn expected errors into one clear line on stderr and exit code 2.
 
@@ -142,8 +150,8 @@ def clean_errors(fn: F) -> F:
         except expected_errors() as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            log.error("%s", err)
-            print(f"error: {err}", file=sys.stderr)
+            _log_to_files(logging.ERROR, str(err))  # the run's log keeps it; the console...
+            print(f"error: {err}", file=sys.stderr)  # ...shows it once, as this one line
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
