@@ -475,6 +475,24 @@ def test_cli_bad_input_is_one_line_without_traceback(corpus, tmp_path):
     assert rc != 0 and "Traceback" in err and "DataError" in err, err[-3000:]
 
 
+def test_unsplittable_small_cohort_names_the_counts_to_change(tmp_path):
+    """36 phantom images, 11 of the 25 patients with a V/Q pair: the paper's counts scaled down
+    ((22,1,1) perfusion, (8,2,2) ventilation) cannot be filled from whole patients. The error
+    says which counts were tried and under which keys; counts that fit the pairs then work."""
+    base = ["data.source=phantom", "data.n_perfusion=24", "data.n_ventilation=12",
+            "data.phantom_seed=3", "data.preprocess.size=32"]  # fmt: skip
+    cfg = compose(base)
+    with pytest.raises(DataSetupError) as info:
+        LungScanDataModule(cfg.data, cache_dir=str(tmp_path / "cache")).setup("fit")
+    msg = str(info.value)
+    assert "data.split.perfusion=[22,1,1] data.split.ventilation=[8,2,2]" in msg, msg
+    fixed = compose([*base, "data.split.perfusion=[20,2,2]", "data.split.ventilation=[8,2,2]"])
+    dm = LungScanDataModule(fixed.data, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    test = dm.split_indices("test")
+    assert sorted(np.asarray(dm.prepared.labels)[test].tolist()) == [0, 0, 1, 1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Leakage guards
 # --------------------------------------------------------------------------------------------------

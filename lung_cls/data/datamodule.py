@@ -184,13 +184,21 @@ class LungScanDataModule(L.LightningDataModule):
                     f"no {CLASS_NAMES[c]} images in the data set: both classes are needed"
                 )
         wanted = {1: tuple(self.cfg.split.perfusion), 0: tuple(self.cfg.split.ventilation)}
+        counts = wanted
         try:
             counts = scale_counts(wanted, available)
             splits = grouped_split(
                 labels, np.asarray(data.patient_ids), counts, int(self.cfg.split_seed)
             )
         except ValueError as err:
-            raise DataSetupError(f"cannot split the data as configured: {err}") from None
+            tried = " ".join(
+                f"data.split.{CLASS_NAMES[c]}=[{','.join(str(int(k)) for k in counts[c])}]"
+                for c in (1, 0)
+            )
+            raise DataSetupError(
+                f"cannot split the data as configured: {err} "
+                f"(train, val, test counts tried: {tried}; set other counts with these keys)"
+            ) from None
         if counts != {k: tuple(v) for k, v in wanted.items()}:
             log.warning("Split counts scaled to the data available: %s", counts)
         try:
