@@ -282,6 +282,8 @@ def test_sweep_dir_names_leave_out_paths_and_launch_flags():
             "paths.cache_dir=/tmp/c",
             "hydra/launcher=parallel",
             "skip_completed=true",
+            "resumable=true",
+            "resume=true",
             "trainer.max_epochs=5",
             "model.backbone=a/b",
         ]

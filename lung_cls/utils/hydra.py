@@ -44,6 +44,7 @@ _NAME_SKIP_KEYS = {
     "hydra/launcher",
     "skip_completed",
     "resume",
+    "resumable",  # a checkpoint policy: adding it to re-run a sweep must find the same dirs
     "ckpt_path",
     "overwrite",
     "cams",
