@@ -26,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from lung_cls.utils.hydra import (
     UserError,
     clean_errors,
-    expected_errors,
     quote_path_overrides,
     to_container,
+    unwrap_expected,
 )
 from lung_cls.utils.io import atomic_write_json, atomic_write_text
 
@@ -369,11 +369,13 @@ def run(cfg: DictConfig) -> float | None:
         return result.get(metric_name)
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        cause = unwrap_expected(err)  # an expected error, also inside Hydra's instantiate wrapper
+        shown = cause or err
         atomic_write_json(
             run_dir / "metrics.json",
             {
                 "status": status,
-                "error": f"{type(err).__name__}: {err}",
+                "error": f"{type(shown).__name__}: {shown}",
                 "model": str(cfg.model.get("name")),
                 "backbone": str(cfg.model.get("backbone")),
                 "seed": cfg.get("seed"),
@@ -382,8 +384,8 @@ def run(cfg: DictConfig) -> float | None:
         )
         if _is_multirun() and isinstance(err, Exception):
             # Keep the sweep going; the report lists this run as failed.
-            kind = "expected" if isinstance(err, expected_errors()) else "unexpected"
-            log.error("Run %s failed (%s error): %s", run_dir.name, kind, err)
+            kind = "expected" if cause is not None else "unexpected"
+            log.error("Run %s failed (%s error): %s", run_dir.name, kind, shown)
             if kind == "unexpected":
                 log.error("%s", traceback.format_exc())
             return math.nan

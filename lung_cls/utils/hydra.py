@@ -130,6 +130,23 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def unwrap_expected(err: BaseException | None) -> BaseException | None:
+    """The expected error behind ``err``: itself, or the cause that Hydra's ``instantiate`` wrapped
+    (``InstantiationException: Error in call to target ...``); None when it is not an expected one.
+    """
+    from hydra.errors import InstantiationException
+
+    for _ in range(8):
+        if err is None:
+            return None
+        if isinstance(err, expected_errors()):
+            return err
+        if not isinstance(err, InstantiationException):
+            return None
+        err = err.__cause__
+    return None
+
+
 def _log_to_files(level: int, message: str) -> None:
     """Write one record to the log files only (the job's ``<task>.log``), not to the console."""
     record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
@@ -148,11 +165,12 @@ def clean_errors(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except expected_errors() as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except Exception as err:
+            cause = unwrap_expected(err)
+            if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            _log_to_files(logging.ERROR, str(err))  # the run's log keeps it; the console...
-            print(f"error: {err}", file=sys.stderr)  # ...shows it once, as this one line
+            _log_to_files(logging.ERROR, str(cause))  # the run's log keeps it; the console...
+            print(f"error: {cause}", file=sys.stderr)  # ...shows it once, as this one line
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
