@@ -475,13 +475,28 @@ def test_cli_bad_input_is_one_line_without_traceback(corpus, tmp_path):
     assert rc != 0 and "Traceback" in err and "DataError" in err, err[-3000:]
 
 
-def test_unsplittable_small_cohort_names_the_counts_to_change(tmp_path):
-    """36 phantom images, 11 of the 25 patients with a V/Q pair: the paper's counts scaled down
-    ((22,1,1) perfusion, (8,2,2) ventilation) cannot be filled from whole patients. The error
-    says which counts were tried and under which keys; counts that fit the pairs then work."""
+def test_small_paired_cohort_splits_with_even_val_test_or_names_the_counts(tmp_path, caplog):
+    """36 phantom images, 11 of the 25 patients with a V/Q pair. The paper's counts scaled down
+    ((22,1,1) perfusion, (8,2,2) ventilation) cannot be filled from whole patients (validation
+    would need a second ventilation-only patient), so the split falls back to the same number of
+    each class in validation and test. Counts the user gives that fit the data as they are but
+    not the pairs are not changed: the error names the counts tried and the keys to set."""
     base = ["data.source=phantom", "data.n_perfusion=24", "data.n_ventilation=12",
             "data.phantom_seed=3", "data.preprocess.size=32"]  # fmt: skip
-    cfg = compose(base)
+    dm = LungScanDataModule(compose(base).data, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="lung_cls.data.datamodule"):
+        dm.setup("fit")
+    assert any("cannot be filled from whole patients" in r.getMessage() for r in caplog.records)
+    labels = np.asarray(dm.prepared.labels)
+    assert sorted(labels[dm.split_indices("val")].tolist()) == [0, 1]
+    assert sorted(labels[dm.split_indices("test")].tolist()) == [0, 1]
+    assert len(dm.split_indices("train")) == 36 - 4  # every image is used
+    from lung_cls.data.split import check_disjoint
+
+    check_disjoint(dm.splits, np.asarray(dm.prepared.patient_ids))
+
+    explicit = ["data.split.perfusion=[22,1,1]", "data.split.ventilation=[8,2,2]"]
+    cfg = compose([*base, *explicit])
     with pytest.raises(DataSetupError) as info:
         LungScanDataModule(cfg.data, cache_dir=str(tmp_path / "cache")).setup("fit")
     msg = str(info.value)
@@ -489,8 +504,7 @@ def test_unsplittable_small_cohort_names_the_counts_to_change(tmp_path):
     fixed = compose([*base, "data.split.perfusion=[20,2,2]", "data.split.ventilation=[8,2,2]"])
     dm = LungScanDataModule(fixed.data, cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
-    test = dm.split_indices("test")
-    assert sorted(np.asarray(dm.prepared.labels)[test].tolist()) == [0, 0, 1, 1]
+    assert sorted(np.asarray(dm.prepared.labels)[dm.split_indices("test")].tolist()) == [0, 0, 1, 1]
 
 
 # --------------------------------------------------------------------------------------------------

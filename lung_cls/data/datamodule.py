@@ -184,23 +184,9 @@ class LungScanDataModule(L.LightningDataModule):
                     f"no {CLASS_NAMES[c]} images in the data set: both classes are needed"
                 )
         wanted = {1: tuple(self.cfg.split.perfusion), 0: tuple(self.cfg.split.ventilation)}
-        counts = wanted
-        try:
-            counts = scale_counts(wanted, available)
-            splits = grouped_split(
-                labels, np.asarray(data.patient_ids), counts, int(self.cfg.split_seed)
-            )
-        except ValueError as err:
-            tried = " ".join(
-                f"data.split.{CLASS_NAMES[c]}=[{','.join(str(int(k)) for k in counts[c])}]"
-                for c in (1, 0)
-            )
-            raise DataSetupError(
-                f"cannot split the data as configured: {err} "
-                f"(train, val, test counts tried: {tried}; set other counts with these keys)"
-            ) from None
-        if counts != {k: tuple(v) for k, v in wanted.items()}:
-            log.warning("Split counts scaled to the data available: %s", counts)
+        splits, counts = self._split(labels, np.asarray(data.patient_ids), wanted, available)
+        if counts != {k: tuple(int(n) for n in v) for k, v in wanted.items()}:
+            log.warning("Split counts fitted to the data available: %s", counts)
         try:
             check_disjoint(splits, np.asarray(data.patient_ids))
         except ValueError as err:
@@ -229,6 +215,54 @@ class LungScanDataModule(L.LightningDataModule):
             "duplicate_pairs_across_splits": self.summary.get("duplicate_pairs_across_splits", 0),
             "skipped": list(data.skipped),
         }
+
+    def _split(
+        self,
+        labels: np.ndarray,
+        patient_ids: np.ndarray,
+        wanted: dict[int, tuple[int, ...]],
+        available: dict[int, int],
+    ) -> tuple[np.ndarray, dict[int, tuple[int, int, int]]]:
+        """Patient-grouped split with the configured counts, scaled down to a smaller data set.
+
+        Scaled-down counts keep the paper's class proportions in validation and test (e.g. 1
+        perfusion + 2 ventilation), which whole patients cannot give when most patients hold a
+        V/Q pair. Then, and only for counts this code scaled (never for counts that fit as they
+        were asked), the split is tried again with as many images of each class in validation
+        and test as the smaller class has there, the difference moved into training.
+        """
+        seed = int(self.cfg.split_seed)
+        counts = wanted
+        try:
+            counts = scale_counts(wanted, available)
+            return grouped_split(labels, patient_ids, counts, seed), counts
+        except ValueError as err:
+            error = err
+        scaled = counts != {k: tuple(int(n) for n in v) for k, v in wanted.items()}
+        if scaled and len(counts) == 2:
+            m_val = min(c[1] for c in counts.values())
+            m_test = min(c[2] for c in counts.values())
+            even = {
+                k: (t + v - m_val + s - m_test, m_val, m_test) for k, (t, v, s) in counts.items()
+            }
+            try:
+                splits = grouped_split(labels, patient_ids, even, seed)
+                log.warning(
+                    "Scaled split counts %s cannot be filled from whole patients (V/Q pairs); "
+                    "using %s: the same number of each class in validation and test",
+                    counts, even,
+                )  # fmt: skip
+                return splits, even
+            except ValueError:
+                pass
+        tried = " ".join(
+            f"data.split.{CLASS_NAMES[c]}=[{','.join(str(int(k)) for k in counts[c])}]"
+            for c in (1, 0)
+        )
+        raise DataSetupError(
+            f"cannot split the data as configured: {error} "
+            f"(train, val, test counts tried: {tried}; set other counts with these keys)"
+        ) from None
 
     def _check_leakage(self, images: np.ndarray, splits: np.ndarray) -> None:
         pairs = duplicate_content(images, splits)
