@@ -174,15 +174,64 @@ def write_nm_dicom(
     DICOM keyword set on the dataset (``extra``), e.g. ``AccessionNumber="A1"``.
     """
     path = Path(path)
-    if frames is not None and pixels_uint16 is not None:
+    photometric = str(photometric).upper()
+    stored, views, counts = _stored_frames(
+        path, pixels_uint16, frames, view, photometric, rescale_slope, rescale_intercept
+    )
+    ds = _nm_dataset(sop_instance_uid or generate_uid())
+    _set_patient_study_series(
+        ds,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        study_date=study_date,
+        series_description=series_description,
+        protocol_name=protocol_name,
+        label_hint=label_hint,
+    )
+    if len(stored) == 1 and views[0] in _ORIENTATION:
+        ds.PatientOrientation = _ORIENTATION[views[0]]
+    _set_image(ds, stored, photometric, pixel_spacing_mm, rescale_slope, rescale_intercept)
+    ds.CountsAccumulated = counts
+    ds.ActualFrameDuration = 300000  # ms
+    _set_detectors(ds, views, zoom)
+    # radiopharmaceutical
+    if radiopharmaceutical is None and label_hint is not None:
+        radiopharmaceutical = "MAA" if label_hint == 1 else "DTPA"
+    ds.RadiopharmaceuticalInformationSequence = DicomSequence(
+        [] if radiopharmaceutical is None else [_radiopharmaceutical_item(radiopharmaceutical)]
+    )
+    ds.PatientOrientationCodeSequence = DicomSequence([])
+    for key, value in extra.items():
+        if tag_for_keyword(key) is None:
+            raise ValueError(f"{path}: unknown DICOM keyword {key!r}")
+        setattr(ds, key, value)
+    ds.PixelData = (np.stack(stored) if len(stored) > 1 else stored[0]).tobytes()
+    _save_strict(ds, path)
+    log.debug("wrote %s (%d frame(s), %s)", path, len(stored), ", ".join(views))
+    return path
+
+
+def _stored_frames(
+    path: Path,
+    pixels: np.ndarray | None,
+    frames: Sequence[tuple[np.ndarray, str]] | None,
+    view: str,
+    photometric: str,
+    rescale_slope: float | None,
+    rescale_intercept: float | None,
+) -> tuple[list[np.ndarray], list[str], int]:
+    """The frames as stored values (rescale and MONOCHROME1 applied), their view keys and the
+    total counts of the given images; refuses inputs that cannot make a valid file."""
+    if frames is not None and pixels is not None:
         raise ValueError(f"{path}: pass either pixels_uint16 or frames, not both")
     if frames is None:
-        if pixels_uint16 is None:
+        if pixels is None:
             raise ValueError(f"{path}: no pixels given")
-        frames = [(pixels_uint16, view)]
+        frames = [(pixels, view)]
     if len(frames) == 0:
         raise ValueError(f"{path}: frames is empty")
-    photometric = str(photometric).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(
             f"{path}: photometric must be MONOCHROME1 or MONOCHROME2, got {photometric}"
@@ -192,14 +241,17 @@ def write_nm_dicom(
         _to_stored(img, rescale_slope, rescale_intercept, photometric == "MONOCHROME1", f"{path}")
         for img, _ in frames
     ]
-    rows, cols = stored[0].shape
-    if any(s.shape != (rows, cols) for s in stored):
+    shape = stored[0].shape
+    if any(s.shape != shape for s in stored):
         raise ValueError(
             f"{path}: all frames must have the same shape, got {[s.shape for s in stored]}"
         )
-    n = len(stored)
+    counts = int(sum(int(np.asarray(img).sum(dtype=np.int64)) for img, _ in frames))
+    return stored, views, counts
 
-    sop_uid = sop_instance_uid or generate_uid()
+
+def _nm_dataset(sop_uid: str) -> Dataset:
+    """An empty NM Image Storage dataset with its file meta (explicit VR little endian)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = NM_IMAGE_STORAGE
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -207,13 +259,27 @@ def write_nm_dicom(
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "LUNG_CLS"
     validate_file_meta(meta, enforce_standard=True)
-
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = NM_IMAGE_STORAGE
     ds.SOPInstanceUID = sop_uid
-    # patient / study / series / equipment
+    return ds
+
+
+def _set_patient_study_series(
+    ds: Dataset,
+    *,
+    patient_id: str,
+    patient_name: str | None,
+    study_uid: str | None,
+    series_uid: str | None,
+    study_date: str,
+    series_description: str,
+    protocol_name: str | None,
+    label_hint: int | None,
+) -> None:
+    """Patient, study, series and equipment: what a reader uses to group and name the study."""
     ds.PatientName = patient_name if patient_name is not None else str(patient_id)
     ds.PatientID = str(patient_id)
     ds.PatientBirthDate = ""
@@ -239,9 +305,18 @@ def write_nm_dicom(
     ds.Manufacturer = "lung_cls"
     ds.ManufacturerModelName = "V/Q phantom"
     ds.BodyPartExamined = "CHEST"
-    if n == 1 and views[0] in _ORIENTATION:
-        ds.PatientOrientation = _ORIENTATION[views[0]]
-    # NM image module
+
+
+def _set_image(
+    ds: Dataset,
+    stored: list[np.ndarray],
+    photometric: str,
+    pixel_spacing_mm: float | Sequence[float] | None,
+    rescale_slope: float | None,
+    rescale_intercept: float | None,
+) -> None:
+    """NM image module: 16-bit unsigned grey, pixel spacing, rescale."""
+    rows, cols = stored[0].shape
     ds.ImageType = ["ORIGINAL", "PRIMARY", "STATIC", "EMISSION"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -261,9 +336,11 @@ def write_nm_dicom(
         ds.RescaleIntercept = (
             f"{0.0 if rescale_intercept is None else float(rescale_intercept):.10g}"
         )
-    ds.CountsAccumulated = int(sum(int(np.asarray(img).sum(dtype=np.int64)) for img, _ in frames))
-    ds.ActualFrameDuration = 300000  # ms
-    # NM multi-frame module: one energy window, one detector per frame
+
+
+def _set_detectors(ds: Dataset, views: list[str], zoom: float) -> None:
+    """NM multi-frame module: one energy window, one detector per frame carrying its view."""
+    n = len(views)
     ds.NumberOfFrames = n
     ds.FrameIncrementPointer = [
         tag_for_keyword("EnergyWindowVector"),
@@ -291,22 +368,10 @@ def write_nm_dicom(
     ds.DetectorInformationSequence = DicomSequence(detectors)
     if n == 1:
         ds.ViewCodeSequence = DicomSequence([_code(*VIEW_CODES[views[0]])])
-    # radiopharmaceutical
-    if radiopharmaceutical is None and label_hint is not None:
-        radiopharmaceutical = "MAA" if label_hint == 1 else "DTPA"
-    if radiopharmaceutical is not None:
-        ds.RadiopharmaceuticalInformationSequence = DicomSequence(
-            [_radiopharmaceutical_item(radiopharmaceutical)]
-        )
-    else:
-        ds.RadiopharmaceuticalInformationSequence = DicomSequence([])
-    ds.PatientOrientationCodeSequence = DicomSequence([])
-    for key, value in extra.items():
-        if tag_for_keyword(key) is None:
-            raise ValueError(f"{path}: unknown DICOM keyword {key!r}")
-        setattr(ds, key, value)
-    ds.PixelData = (np.stack(stored) if n > 1 else stored[0]).tobytes()
 
+
+def _save_strict(ds: Dataset, path: Path) -> None:
+    """Save with pydicom's writing validation raising: a file this writes is a valid one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     old_mode = _dcm_config.settings.writing_validation_mode
     _dcm_config.settings.writing_validation_mode = _dcm_config.RAISE
@@ -314,5 +379,3 @@ def write_nm_dicom(
         ds.save_as(path, enforce_file_format=True)
     finally:
         _dcm_config.settings.writing_validation_mode = old_mode
-    log.debug("wrote %s (%d frame(s), %s)", path, n, ", ".join(views))
-    return path

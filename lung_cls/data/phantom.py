@@ -53,6 +53,8 @@ from scipy import fft as sfft
 from threadpoolctl import threadpool_limits
 
 from lung_cls.data.masks import PackedMasks
+from lung_cls.labels import PERFUSION, VENTILATION
+from lung_cls.utils.io import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,6 @@ MASK_KEYS: tuple[str, ...] = (
 #: The discriminative / confounding features; ``params[key]`` is their present flag.
 FEATURE_KEYS: tuple[str, ...] = MASK_KEYS[2:]
 
-PERFUSION, VENTILATION = 1, 0
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
@@ -121,15 +122,6 @@ def default_sim() -> dict:
     return copy.deepcopy(_default_sim_cached())
 
 
-def _plain(obj: Any) -> Any:
-    """Mappings/sequences (OmegaConf included) -> plain dicts/lists, without importing OmegaConf."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, Sequence) and not isinstance(obj, str | bytes):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def _merge(base: dict, over: Mapping, where: str = "sim") -> dict:
     """Overlay `over` on `base`; an unknown key is an error (a typo must not pass silently)."""
     out = dict(base)
@@ -147,7 +139,7 @@ def resolve_sim(sim: Mapping | None = None) -> dict:
     """Defaults from ``conf/sim/paper.yaml`` overlaid with ``sim`` (a partial mapping is fine)."""
     cfg = default_sim()
     if sim is not None:
-        cfg = _merge(cfg, _plain(sim))
+        cfg = _merge(cfg, to_plain(sim))
     d = float(cfg.get("difficulty", 0.5))
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"sim.difficulty must be in [0, 1], got {d}")
@@ -593,33 +585,25 @@ class _Canvas:
         m[win] |= vals > thresh
 
 
-def _render_study(
+def _class_look(
     label: int,
     fr: _Frame,
     anat: dict,
-    geo: dict,
     cfg: dict,
-    d: float,
     flags: dict,
-    shared: dict,
     rng: np.random.Generator,
-) -> tuple[_Canvas, dict[str, Any]]:
-    """Noise-free activity (lung mean 1), feature masks and sampled parameters of one study."""
-    eff = cfg["difficulty_effects"]
-    pl = cfg["placement"]
-    feat_k = _lerp(eff["feature_contrast"], d)
-    cls_k = _lerp(eff["class_contrast"], d)
-    size = fr.size
-    cv = _Canvas(fr)
-    par: dict[str, Any] = {}
-    fwhm = _u(rng, cfg["camera"]["fwhm_mm"]) * _lerp(eff["blur"], d)
-    psf_sigma = fwhm * _FWHM_TO_SIGMA
-    par["fwhm_mm"] = fwhm
-    boxes = anat["boxes"]
-    top = min(b["top"] for b in boxes.values())
-    hv = 0.5 * (boxes[-1]["vc"] + boxes[1]["vc"]) - 0.15 * boxes[1]["b"]  # hilum level
+    cls_k: float,
+    hv: float,
+    par: dict[str, Any],
+) -> np.ndarray:
+    """The planar look of one class: gradient, edges, left/right split, texture, background.
 
-    # the planar look of the two classes; class_contrast pulls them towards a common middle
+    ``class_contrast`` (``cls_k``) pulls the two classes towards a common middle. Returns the
+    per-pixel activity factor; the sampled values go into ``par``.
+    """
+    pl = cfg["placement"]
+    size = fr.size
+    boxes = anat["boxes"]
     pc, vc = cfg["perfusion"], cfg["ventilation"]
     e_mid = 0.5 * (float(np.mean(pc["edge_exponent"])) + float(np.mean(vc["edge_exponent"])))
     g_mid = 0.5 * (float(np.mean(pc["gradient_upright"])) + float(np.mean(vc["gradient"])))
@@ -658,8 +642,24 @@ def _render_study(
     bg = max(bg_mid + (bg - bg_mid) * cls_k, 0.0)
     g = max(g, 1.0)
     par.update(gradient=g, edge_exponent=e, right_fraction=rf, texture_sd=tex_sd, background=bg)
+    return factor
 
-    # defects (the patient's matched ones + perfusion-only mismatched ones) and effusion
+
+def _defects_and_effusion(
+    label: int,
+    fr: _Frame,
+    anat: dict,
+    cfg: dict,
+    flags: dict,
+    shared: dict,
+    rng: np.random.Generator,
+    factor: np.ndarray,
+    cv: _Canvas,
+    par: dict[str, Any],
+) -> None:
+    """Wedge defects (the patient's matched ones + perfusion-only mismatched ones) and pleural
+    effusion, cut out of ``factor``; their masks go onto the canvas."""
+    size = fr.size
     specs = list(shared["matched_defects"])
     if label == PERFUSION and flags["mismatched_defects"]:
         fs = cfg["features"]["perfusion"]["mismatched_defects"]
@@ -679,19 +679,38 @@ def _render_study(
         em = _effusion(fr, anat, shared["effusion"])
         factor[em] *= np.float32(shared["effusion"]["transmission"])
         cv.masks["effusion"] = em & anat["lungs"]
-    cv.base += _lungs_activity(
-        fr, anat, edge_exp=e, gradient=g, fractions={-1: rf, 1: 1 - rf}, factor=factor
-    )
-    body = _body(fr, anat, geo)
-    cv.base += np.float32(bg) * body
 
-    def peak(amp: float, sig_mm: float) -> float:
-        return amp * _psf_gain(sig_mm, psf_sigma)
 
-    neck_u = float(rng.normal(0.0, float(pl["midline_sd_mm"])))
-    carina_v = top + float(pl["carina_level"]) * (boxes[-1]["bottom"] - top)
+class _Features:
+    """Paints the class features (extra activity outside the lung pattern) onto a canvas.
 
-    def trachea(key: str, amp: float, width_mm: float, fade_mm: float) -> None:
+    The neck midline and the stomach's place are drawn once per study, in this order, before any
+    feature: both classes may use them (ventilation: trachea, swallowed aerosol; perfusion: free
+    pertechnetate, residual aerosol).
+    """
+
+    def __init__(self, fr: _Frame, cv: _Canvas, anat: dict, geo: dict, cfg: dict,
+                 rng: np.random.Generator, psf_sigma: float, feat_k: float) -> None:  # fmt: skip
+        self.fr, self.cv, self.anat, self.geo, self.rng = fr, cv, anat, geo, rng
+        self.pl = pl = cfg["placement"]
+        self.cfg, self.psf_sigma, self.feat_k = cfg, psf_sigma, feat_k
+        boxes = self.boxes = anat["boxes"]
+        self.top = top = min(b["top"] for b in boxes.values())
+        self.hv = 0.5 * (boxes[-1]["vc"] + boxes[1]["vc"]) - 0.15 * boxes[1]["b"]  # hilum level
+        self.neck_u = float(rng.normal(0.0, float(pl["midline_sd_mm"])))
+        self.carina_v = top + float(pl["carina_level"]) * (boxes[-1]["bottom"] - top)
+        self.st_uv = (
+            geo["gap_mm"] / 2.0 + boxes[1]["a"] * _u(rng, pl["stomach_lateral"]),
+            boxes[1]["bottom"] + _u(rng, pl["stomach_below_mm"]),
+        )
+        self.st_tilt = _u(rng, pl["stomach_tilt_deg"])
+
+    def peak(self, amp: float, sig_mm: float) -> float:
+        """Amplitude before the camera blur that peaks at ``amp`` after it."""
+        return amp * _psf_gain(sig_mm, self.psf_sigma)
+
+    def trachea(self, key: str, amp: float, width_mm: float, fade_mm: float) -> None:
+        fr, pl, top, neck_u, carina_v = self.fr, self.pl, self.top, self.neck_u, self.carina_v
         sig = width_mm * _FWHM_TO_SIGMA
         win = fr.window(neck_u - 4 * sig, neck_u + 4 * sig, -1e4, carina_v)
         if win is None:
@@ -701,40 +720,38 @@ def _render_study(
         fade = np.clip((np.float32(carina_v) - vv) * np.float32(1.0 / fade_mm), 0.0, 1.0)
         # the neck part (above the apices) is brighter than the intrathoracic part
         neck = np.where(vv < np.float32(top), np.float32(pl["neck_gain"]), np.float32(1.0))
-        cv.feat[win] += np.float32(peak(amp, sig)) * prof * fade * neck
-        m = cv.masks.setdefault(key, np.zeros((size, size), bool))
+        self.cv.feat[win] += np.float32(self.peak(amp, sig)) * prof * fade * neck
+        m = self.cv.masks.setdefault(key, np.zeros((fr.size, fr.size), bool))
         m[win] |= (prof > 0.3) & (fade > 0.1)
 
-    st_uv = (
-        geo["gap_mm"] / 2.0 + boxes[1]["a"] * _u(rng, pl["stomach_lateral"]),
-        boxes[1]["bottom"] + _u(rng, pl["stomach_below_mm"]),
-    )
-    st_tilt = _u(rng, pl["stomach_tilt_deg"])
+    def stomach(self, amp: float) -> None:
+        pl = self.pl
+        win, b = self.fr.blob(*self.st_uv, *pl["stomach_semi_axes_mm"], self.st_tilt,
+                              power=4.0, reach=2.0)  # fmt: skip
+        self.cv.add("stomach", win, b, amp, 0.5)
 
-    def stomach(amp: float) -> None:
-        win, b = fr.blob(*st_uv, *pl["stomach_semi_axes_mm"], st_tilt, power=4.0, reach=2.0)
-        cv.add("stomach", win, b, amp, 0.5)
-
-    if label == VENTILATION:
-        fv = cfg["features"]["ventilation"]
+    def ventilation(self, flags: dict, par: dict[str, Any]) -> None:
+        fr, cv, rng, pl, geo, boxes = self.fr, self.cv, self.rng, self.pl, self.geo, self.boxes
+        top, neck_u, hv, feat_k = self.top, self.neck_u, self.hv, self.feat_k
+        fv = self.cfg["features"]["ventilation"]
         if flags["trachea"]:
             s = fv["trachea"]
             amp = _u(rng, s["amplitude"]) * feat_k
-            trachea("trachea", amp, _u(rng, s["width_mm"]), _u(rng, s["fade_mm"]))
+            self.trachea("trachea", amp, _u(rng, s["width_mm"]), _u(rng, s["fade_mm"]))
         if flags["oropharynx"]:
             ov = top - _u(rng, pl["oropharynx_above_apex_mm"])
             su, sv = (_u(rng, r) for r in pl["oropharynx_semi_axes_mm"])
             win, b = fr.blob(neck_u, ov, su, sv)
             cv.add("oropharynx", win, b, _u(rng, fv["oropharynx"]["amplitude"]) * feat_k, 0.5)
         if flags["stomach"]:
-            stomach(_u(rng, fv["stomach"]["amplitude"]) * feat_k)
+            self.stomach(_u(rng, fv["stomach"]["amplitude"]) * feat_k)
         if flags["esophagus"]:
             s = fv["esophagus"]
             sig = _u(rng, s["width_mm"]) * _FWHM_TO_SIGMA
             gej = (geo["gap_mm"] / 2.0 + 8.0, boxes[1]["bottom"] + 5.0)
             start = (neck_u + 3.0, top - float(pl["esophagus_top_above_apex_mm"]))
             win, seg = fr.segment(start, gej, sig)
-            cv.add("esophagus", win, seg, peak(_u(rng, s["amplitude"]) * feat_k, sig), 0.5)
+            cv.add("esophagus", win, seg, self.peak(_u(rng, s["amplitude"]) * feat_k, sig), 0.5)
         if flags["hotspots"]:
             s = fv["hotspots"]
             n = _ri(rng, s["n"])
@@ -744,20 +761,23 @@ def _render_study(
                 v0 = hv + _u(rng, pl["airway_level_mm"])
                 sg = _u(rng, s["sigma_mm"])
                 win, b = fr.blob(u0, v0, sg, sg)
-                cv.add("hotspots", win, b, peak(_u(rng, s["amplitude"]) * feat_k, sg), 0.2)
+                cv.add("hotspots", win, b, self.peak(_u(rng, s["amplitude"]) * feat_k, sg), 0.2)
             par["n_hotspots"] = n
-    else:
-        fp = cfg["features"]["perfusion"]
+
+    def perfusion(self, flags: dict, par: dict[str, Any], body: np.ndarray) -> None:
+        fr, cv, rng, pl, geo, boxes = self.fr, self.cv, self.rng, self.pl, self.geo, self.boxes
+        top, neck_u, hv, feat_k = self.top, self.neck_u, self.hv, self.feat_k
+        fp = self.cfg["features"]["perfusion"]
         if flags["clumps"]:
             s = fp["clumps"]
             n = _ri(rng, s["n"])
-            idx = np.flatnonzero(anat["lungs"])
+            idx = np.flatnonzero(self.anat["lungs"])
             for _ in range(n if idx.size else 0):
                 p = int(rng.choice(idx))
                 u0, v0 = float(fr.u.flat[p]), float(fr.v.flat[p])
                 sg = _u(rng, s["sigma_mm"])
                 win, b = fr.blob(u0, v0, sg, sg)
-                cv.add("clumps", win, b, peak(_u(rng, s["amplitude"]) * feat_k, sg), 0.2)
+                cv.add("clumps", win, b, self.peak(_u(rng, s["amplitude"]) * feat_k, sg), 0.2)
             par["n_clumps"] = n
         if flags["free_pertechnetate"]:
             s = fp["free_pertechnetate"]
@@ -767,8 +787,8 @@ def _render_study(
             for side in (-1, 1):
                 tu = neck_u + side * _u(rng, pl["thyroid_lateral_mm"])
                 win, b = fr.blob(tu, tv, tsu, tsv)
-                cv.add("thyroid", win, b, peak(amp, math.sqrt(tsu * tsv)), 0.4)
-            stomach(_u(rng, s["stomach_amplitude"]) * feat_k)
+                cv.add("thyroid", win, b, self.peak(amp, math.sqrt(tsu * tsv)), 0.4)
+            self.stomach(_u(rng, s["stomach_amplitude"]) * feat_k)
         if flags["shunt"]:
             s = fp["shunt"]
             ka = _u(rng, s["kidney_amplitude"]) * feat_k
@@ -784,13 +804,55 @@ def _render_study(
         if flags["residual_aerosol"]:
             s = fp["residual_aerosol"]
             width, fade = _u(rng, s["width_mm"]), _u(rng, s["fade_mm"])
-            trachea("residual_aerosol", _u(rng, s["amplitude"]), width, fade)
+            self.trachea("residual_aerosol", _u(rng, s["amplitude"]), width, fade)
             for _ in range(_ri(rng, s["n_hotspots"])):
                 side = int(rng.choice([-1, 1]))
                 u0 = side * (geo["gap_mm"] / 2.0 + _u(rng, pl["airway_medial_mm"]))
                 sg = _u(rng, s["hotspot_sigma_mm"])
                 win, b = fr.blob(u0, hv + _u(rng, pl["airway_level_mm"]), sg, sg)
-                cv.add("residual_aerosol", win, b, peak(_u(rng, s["hotspot_amplitude"]), sg), 0.2)
+                amp = self.peak(_u(rng, s["hotspot_amplitude"]), sg)
+                cv.add("residual_aerosol", win, b, amp, 0.2)
+
+
+def _render_study(
+    label: int,
+    fr: _Frame,
+    anat: dict,
+    geo: dict,
+    cfg: dict,
+    d: float,
+    flags: dict,
+    shared: dict,
+    rng: np.random.Generator,
+) -> tuple[_Canvas, dict[str, Any]]:
+    """Noise-free activity (lung mean 1), feature masks and sampled parameters of one study.
+
+    The draws from ``rng`` come in a fixed order (blur, class look, defects, feature places,
+    features): the same seed gives the same study.
+    """
+    eff = cfg["difficulty_effects"]
+    cv = _Canvas(fr)
+    par: dict[str, Any] = {}
+    fwhm = _u(rng, cfg["camera"]["fwhm_mm"]) * _lerp(eff["blur"], d)
+    psf_sigma = fwhm * _FWHM_TO_SIGMA
+    par["fwhm_mm"] = fwhm
+    boxes = anat["boxes"]
+    hv = 0.5 * (boxes[-1]["vc"] + boxes[1]["vc"]) - 0.15 * boxes[1]["b"]  # hilum level
+    cls_k = _lerp(eff["class_contrast"], d)
+    factor = _class_look(label, fr, anat, cfg, flags, rng, cls_k, hv, par)
+    _defects_and_effusion(label, fr, anat, cfg, flags, shared, rng, factor, cv, par)
+    rf = par["right_fraction"]
+    cv.base += _lungs_activity(
+        fr, anat, edge_exp=par["edge_exponent"], gradient=par["gradient"],
+        fractions={-1: rf, 1: 1 - rf}, factor=factor,
+    )  # fmt: skip
+    body = _body(fr, anat, geo)
+    cv.base += np.float32(par["background"]) * body
+    features = _Features(fr, cv, anat, geo, cfg, rng, psf_sigma, _lerp(eff["feature_contrast"], d))
+    if label == VENTILATION:
+        features.ventilation(flags, par)
+    else:
+        features.perfusion(flags, par, body)
     par["psf_sigma_mm"] = psf_sigma
     return cv, par
 
@@ -948,26 +1010,15 @@ def cohort_plan(
     return _plan(cfg, int(n_perfusion), int(n_ventilation), int(seed), float(cfg["difficulty"]))
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, bool | np.bool_):
-        return bool(v)
-    if isinstance(v, int | np.integer):
-        return int(v)
-    if isinstance(v, float | np.floating):
-        return round(float(v), 5)
-    return v
+def _patient_draws(slot: int, plan: dict, cfg: dict, seed: int, n_v: int) -> dict[str, Any]:
+    """What one patient's studies share: anatomy, shared defects and effusion, poses, pairing.
 
-
-def _simulate_patient(
-    slot: int, plan: dict, cfg: dict, d: float, seed: int, n_v: int
-) -> list[PhantomCase]:
-    """Both studies of one patient (or the one it has), from the patient's own generators."""
-    size = int(cfg["size"])
+    Drawn from the patient's own generator, in a fixed order, so a patient is the same whatever
+    else the cohort holds and however many threads simulate it.
+    """
     n_paired = plan["n_paired"]
     has_v = slot < n_v
     has_q = slot < n_paired or slot >= n_v
-    qi = slot if slot < n_paired else slot - n_v + n_paired  # index among perfusion images
-    pid = plan["pids"][slot]
     fs = cfg["features"]["shared"]
     ds = cfg["features"]["defect_shape"]
     g_rng = np.random.default_rng([seed, 1, slot, 2])
@@ -993,118 +1044,153 @@ def _simulate_patient(
         }
     paired = has_v and has_q
     same_day = bool(plan["pair"]["same_day"][slot]) if paired else False
-    v_first = bool(plan["pair"]["ventilation_first"][slot]) if paired else False
     pose_v = _sample_pose(g_rng, cfg)
     # same day: the patient stays on the table; another day: a nearby position
     pose_q = pose_v if same_day else _jitter_pose(g_rng, cfg, pose_v)
-    shine_frac = _u(g_rng, cfg["cohort"]["shine_fraction"]) if same_day else 0.0
+    return {
+        "pid": plan["pids"][slot],
+        "has_v": has_v,
+        "has_q": has_q,
+        "qi": slot if slot < n_paired else slot - n_v + n_paired,  # index among perfusion images
+        "geo": geo,
+        "shared": shared,
+        "paired": paired,
+        "same_day": same_day,
+        "v_first": bool(plan["pair"]["ventilation_first"][slot]) if paired else False,
+        "pose": {VENTILATION: pose_v, PERFUSION: pose_q},
+        "shine_frac": _u(g_rng, cfg["cohort"]["shine_fraction"]) if same_day else 0.0,
+    }
 
+
+def _add_shine_through(studies: dict[int, dict], pt: dict, cfg: dict, size: int) -> int:
+    """The second of two same-day studies shows the first one's activity too; returns its label."""
+    later, earlier = (PERFUSION, VENTILATION) if pt["v_first"] else (VENTILATION, PERFUSION)
+    st_l, st_e = studies[later]["cv"], studies[earlier]["cv"]
+    # airway and neck deposits clear (mucociliary, swallowing) before the second study
+    clear = float(cfg["cohort"]["shine_feature_clearance"])
+    shine = np.float32(pt["shine_frac"])
+    st_l.base = st_l.base + shine * (st_e.base + np.float32(clear) * st_e.feat)
+    sm = np.zeros((size, size), bool)
+    for k, m in st_e.masks.items():
+        if k in FEATURE_KEYS and k not in ("defects", "effusion"):
+            sm |= m
+    st_l.masks["shine_through"] = sm
+    return later
+
+
+def _case_params(
+    label: int, st: dict, pt: dict, d: float, offset: tuple[float, float], is_later: bool
+) -> dict[str, Any]:
+    """Every sampled parameter of one image, flat, before the camera's and the study's own."""
+    geo, flags, pose, shared = pt["geo"], st["flags"], st["pose"], pt["shared"]
+    same_day = pt["same_day"]
+    return {
+        "id": st["case_id"],
+        "label": label,
+        "modality": "perfusion" if label == PERFUSION else "ventilation",
+        "patient_id": pt["pid"],
+        "paired": pt["paired"],
+        "same_day": same_day,
+        "order": ("second" if is_later else "first") if same_day else "separate",
+        "difficulty": d,
+        "offset_y": offset[0],
+        "offset_x": offset[1],
+        "pose_offset_y_mm": pose["oy_mm"],
+        "pose_offset_x_mm": pose["ox_mm"],
+        "rotation_deg": pose["rotation_deg"],
+        "scale": geo["scale"],
+        "zoom": geo["zoom"],
+        "pixel_mm": geo["mm_px"],
+        "lungs_width_mm": geo["width_mm"],
+        "lungs_height_mm": geo["height_mm"],
+        "gap_mm": geo["gap_mm"],
+        "touching": geo["touching"],
+        "hemidiaphragm_mm": geo["hemidiaphragm_mm"],
+        "cardiomegaly": geo["cardiomegaly"],
+        "heart_factor": geo["heart_factor"],
+        "supine": flags.get("supine", False),
+        "technegas": flags.get("technegas", False),
+        "copd": flags.get("copd", False),
+        "n_hotspots": 0,
+        "n_clumps": 0,
+        "mismatched_defects": flags.get("mismatched_defects", False),
+        "matched_defects": len(shared["matched_defects"]),
+        "free_pertechnetate": flags.get("free_pertechnetate", False),
+        "shine_fraction": pt["shine_frac"] if is_later else 0.0,
+    }
+
+
+def _drawn_flags(flags: dict, params: dict, shared: dict, is_later: bool) -> dict[str, bool]:
+    """Per FEATURE_KEYS name: was the feature drawn in this image (its mask is empty otherwise)."""
+    drawn = {
+        "trachea": flags.get("trachea", False),
+        "oropharynx": flags.get("oropharynx", False),
+        "esophagus": flags.get("esophagus", False),
+        "stomach": flags.get("stomach", False) or flags.get("free_pertechnetate", False),
+        "hotspots": flags.get("hotspots", False),
+        "defects": params["n_defects"] > 0,
+        "effusion": shared["effusion"] is not None,
+        "clumps": flags.get("clumps", False),
+        "thyroid": flags.get("free_pertechnetate", False),
+        "shunt": flags.get("shunt", False),
+        "residual_aerosol": flags.get("residual_aerosol", False),
+        "shine_through": is_later,
+    }
+    return {k: bool(drawn[k]) for k in FEATURE_KEYS}
+
+
+def _simulate_patient(
+    slot: int, plan: dict, cfg: dict, d: float, seed: int, n_v: int
+) -> list[PhantomCase]:
+    """Both studies of one patient (or the one it has), from the patient's own generators."""
+    size = int(cfg["size"])
+    pt = _patient_draws(slot, plan, cfg, seed, n_v)
+    geo = pt["geo"]
     studies: dict[int, dict] = {}
     frames: dict[int, tuple[_Frame, dict]] = {}
-    for label, present, pose in ((VENTILATION, has_v, pose_v), (PERFUSION, has_q, pose_q)):
+    for label, present in ((VENTILATION, pt["has_v"]), (PERFUSION, pt["has_q"])):
         if not present:
             continue
         rng = np.random.default_rng([seed, 1, slot, label])
         if label == VENTILATION:
             flags = {k: bool(a[slot]) for k, a in plan["v"].items()}
         else:
-            flags = {k: bool(a[qi]) for k, a in plan["q"].items()}
-        if same_day and frames:
+            flags = {k: bool(a[pt["qi"]]) for k, a in plan["q"].items()}
+        pose = pt["pose"][label]
+        if pt["same_day"] and frames:
             fr, anat = next(iter(frames.values()))  # same pose: reuse the anatomy
         else:
             fr = _frame(cfg, geo, pose)
             anat = _anatomy(fr, geo)
         frames[label] = (fr, anat)
-        cv, par = _render_study(label, fr, anat, geo, cfg, d, flags, shared, rng)
+        cv, par = _render_study(label, fr, anat, geo, cfg, d, flags, pt["shared"], rng)
+        case_id = f"{pt['pid']}_{'Q' if label == PERFUSION else 'V'}"
         studies[label] = {"fr": fr, "anat": anat, "cv": cv, "par": par, "flags": flags,
-                          "rng": rng, "pose": pose}  # fmt: skip
-    later = None
-    if same_day:
-        later, earlier = (PERFUSION, VENTILATION) if v_first else (VENTILATION, PERFUSION)
-        st_l, st_e = studies[later]["cv"], studies[earlier]["cv"]
-        # airway and neck deposits clear (mucociliary, swallowing) before the second study
-        clear = float(cfg["cohort"]["shine_feature_clearance"])
-        st_l.base = st_l.base + np.float32(shine_frac) * (st_e.base + np.float32(clear) * st_e.feat)
-        sm = np.zeros((size, size), bool)
-        for k, m in st_e.masks.items():
-            if k in FEATURE_KEYS and k not in ("defects", "effusion"):
-                sm |= m
-        st_l.masks["shine_through"] = sm
+                          "rng": rng, "pose": pose, "case_id": case_id}  # fmt: skip
+    later = _add_shine_through(studies, pt, cfg, size) if pt["same_day"] else None
     empty = _empty_mask(size)
     # masks say where a thing is visible: inside the detector's field (the zoom is per patient)
     fov = _field_of_view(size, geo["mm_px"], cfg["camera"]["field_mm"]) > 0
     out = []
     for label, st in studies.items():
-        cv = st["cv"]
+        cv, anat = st["cv"], st["anat"]
         img, cam_par = _finish(
             label, cv.base + cv.feat, st["fr"], geo, cfg, d, st["rng"], st["par"]
         )
-        anat = st["anat"]
-        oy, ox = _lung_offset({k: m & fov for k, m in anat["lung"].items()}, size)
-        case_id = f"{pid}_{'Q' if label == PERFUSION else 'V'}"
+        offset = _lung_offset({k: m & fov for k, m in anat["lung"].items()}, size)
         masks = {"lungs": anat["lungs"] & fov, "heart": anat["heart"] & fov}
         for k in FEATURE_KEYS:
             m = cv.masks.get(k)
             m = m & fov if m is not None else None
             masks[k] = m if m is not None and m.any() else empty
-        flags = st["flags"]
         is_later = label == later
-        params: dict[str, Any] = {
-            "id": case_id,
-            "label": label,
-            "modality": "perfusion" if label == PERFUSION else "ventilation",
-            "patient_id": pid,
-            "paired": paired,
-            "same_day": same_day,
-            "order": ("second" if is_later else "first") if same_day else "separate",
-            "difficulty": d,
-            "offset_y": oy,
-            "offset_x": ox,
-            "pose_offset_y_mm": st["pose"]["oy_mm"],
-            "pose_offset_x_mm": st["pose"]["ox_mm"],
-            "rotation_deg": st["pose"]["rotation_deg"],
-            "scale": geo["scale"],
-            "zoom": geo["zoom"],
-            "pixel_mm": geo["mm_px"],
-            "lungs_width_mm": geo["width_mm"],
-            "lungs_height_mm": geo["height_mm"],
-            "gap_mm": geo["gap_mm"],
-            "touching": geo["touching"],
-            "hemidiaphragm_mm": geo["hemidiaphragm_mm"],
-            "cardiomegaly": geo["cardiomegaly"],
-            "heart_factor": geo["heart_factor"],
-            "supine": flags.get("supine", False),
-            "technegas": flags.get("technegas", False),
-            "copd": flags.get("copd", False),
-            "n_hotspots": 0,
-            "n_clumps": 0,
-            "mismatched_defects": flags.get("mismatched_defects", False),
-            "matched_defects": len(shared["matched_defects"]),
-            "free_pertechnetate": flags.get("free_pertechnetate", False),
-            "shine_fraction": shine_frac if is_later else 0.0,
-        }
+        params = _case_params(label, st, pt, d, offset, is_later)
         params.update(st["par"])
         params.update(cam_par)
         params.pop("psf_sigma_mm", None)
-        # feature flags: drawn in this image
-        drawn = {
-            "trachea": flags.get("trachea", False),
-            "oropharynx": flags.get("oropharynx", False),
-            "esophagus": flags.get("esophagus", False),
-            "stomach": flags.get("stomach", False) or flags.get("free_pertechnetate", False),
-            "hotspots": flags.get("hotspots", False),
-            "defects": params["n_defects"] > 0,
-            "effusion": shared["effusion"] is not None,
-            "clumps": flags.get("clumps", False),
-            "thyroid": flags.get("free_pertechnetate", False),
-            "shunt": flags.get("shunt", False),
-            "residual_aerosol": flags.get("residual_aerosol", False),
-            "shine_through": is_later,
-        }
-        for k in FEATURE_KEYS:
-            params[k] = bool(drawn[k])
-        params = {k: _jsonable(v) for k, v in params.items()}
-        out.append(PhantomCase(case_id, label, pid, img, params, masks))
+        params.update(_drawn_flags(st["flags"], params, pt["shared"], is_later))
+        params = to_plain(params, ndigits=5)  # flat, json-able, 5 decimals
+        out.append(PhantomCase(st["case_id"], label, pt["pid"], img, params, masks))
     return out
 
 

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from scipy.special import entr
 
 from lung_cls.data.masks import PackedMasks
+from lung_cls.utils.io import atomic_savez
 
 log = logging.getLogger(__name__)
 
@@ -659,19 +659,6 @@ def cache_key(data_cfg: Mapping[str, Any], prep: Mapping[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_prepared(data: PreparedData, path: str | os.PathLike) -> None:
     """One uncompressed .npz (uint8 images, bit-packed masks): np.load reads it back in ms."""
     arrays: dict[str, np.ndarray] = {
@@ -690,7 +677,7 @@ def save_prepared(data: PreparedData, path: str | os.PathLike) -> None:
                 arrays[f"mask_{name}"] = data.masks.packed(name)
             else:
                 arrays[f"mask_{name}"] = np.packbits(data.masks[name], axis=-1)
-    _atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
+    atomic_savez(path, compress=False, **arrays)
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:

@@ -22,15 +22,13 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from lung_cls.labels import class_name  # noqa: F401 - also re-exported: split.class_name
+
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 UNUSED = "unused"
 ALL_SPLITS: tuple[str, str, str, str] = (*SPLITS, UNUSED)
-
-# Mirrors lung_cls.data.sources.CLASS_NAMES (label 0 ventilation, 1 perfusion); kept local so
-# this module stays importable without the I/O stack.
-_CLASS_NAMES: tuple[str, str] = ("ventilation", "perfusion")
 
 # Order in which the splits are filled: the small, evaluation-critical ones first, so that the
 # big training split absorbs whatever composition of patients is left.
@@ -41,14 +39,6 @@ _FILL_ORDER: tuple[int, int, int] = (1, 2, 0)  # indices into SPLITS: val, test,
 _SEARCH_BUDGET = 1_500
 # Largest reachability table (cells) the solver builds; two classes need (n0 + 1) * (n1 + 1).
 _MAX_TABLE_CELLS = 4_000_000
-
-
-def class_name(label: int) -> str:
-    """Human name of an integer label, for error messages and summaries."""
-    label = int(label)
-    if 0 <= label < len(_CLASS_NAMES):
-        return _CLASS_NAMES[label]
-    return f"class {label}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +565,36 @@ def grouped_split(
     n = len(labels_arr)
     groups_arr = _as_groups(groups, n)
     classes = sorted(int(c) for c in counts)
-    present = sorted(int(c) for c in np.unique(labels_arr)) if n else []
+    targets_by_split = _targets(labels_arr, counts, classes)
+    splits = np.full(n, UNUSED, dtype="<U6")
+    if n == 0:
+        return splits
+
+    g_idx, vectors, caps, type_of_group = _compositions(groups_arr, labels_arr, classes)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(type_of_group))
+    perm_types = type_of_group[perm]
+    fill_targets = [targets_by_split[i] for i in _FILL_ORDER]
+    fill_names = [SPLITS[i] for i in _FILL_ORDER]
+    solution = _solve_counts(vectors, caps, fill_targets, fill_names, classes, perm_types)
+
+    # patients in seeded order within each composition: val, then test, then train, then unused
+    group_split = np.full(len(type_of_group), UNUSED, dtype="<U6")
+    for t in range(len(vectors)):
+        members = perm[perm_types == t]
+        start = 0
+        for name, x in zip(fill_names, solution, strict=True):
+            group_split[members[start : start + int(x[t])]] = name
+            start += int(x[t])
+    splits[:] = group_split[g_idx]
+    return splits
+
+
+def _targets(
+    labels_arr: np.ndarray, counts: Mapping[int, Sequence[int]], classes: list[int]
+) -> np.ndarray:
+    """The requested counts as a (split, class) table, checked against the images there are."""
+    present = sorted(int(c) for c in np.unique(labels_arr)) if len(labels_arr) else []
     missing = [c for c in present if c not in counts]
     if missing:
         raise ValueError(
@@ -596,30 +615,39 @@ def grouped_split(
                 f"{have}; scale them with scale_counts() first"
             )
         targets_by_split[:, k] = req
+    return targets_by_split
 
-    splits = np.full(n, UNUSED, dtype="<U6")
-    if n == 0:
-        return splits
 
-    # per-patient composition
+def _compositions(
+    groups_arr: np.ndarray, labels_arr: np.ndarray, classes: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Patients reduced to their compositions (images per class).
+
+    Returns ``(group of each image, composition vectors, patients per composition, composition
+    of each patient)``; compositions are ordered bigger first: the most constrained, so the
+    search fails fast on them.
+    """
     uniq, g_idx = np.unique(groups_arr, return_inverse=True)
     k_idx = np.searchsorted(np.asarray(classes), labels_arr.astype(np.int64))
     comp = np.zeros((len(uniq), len(classes)), dtype=np.int64)
     np.add.at(comp, (g_idx, k_idx), 1)
     vectors, type_of_group, caps = np.unique(comp, axis=0, return_inverse=True, return_counts=True)
     type_of_group = type_of_group.reshape(-1)
-    # bigger patients first: they are the most constrained, so the search fails fast on them
     order = np.lexsort((*(-vectors[:, k] for k in reversed(range(len(classes)))), -vectors.sum(1)))
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    vectors, caps, type_of_group = vectors[order], caps[order], rank[type_of_group]
+    return g_idx, vectors[order], caps[order], rank[type_of_group]
 
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(uniq))
-    perm_types = type_of_group[perm]
 
-    fill_targets = [targets_by_split[i] for i in _FILL_ORDER]
-    fill_names = [SPLITS[i] for i in _FILL_ORDER]
+def _solve_counts(
+    vectors: np.ndarray,
+    caps: np.ndarray,
+    fill_targets: list[np.ndarray],
+    fill_names: list[str],
+    classes: list[int],
+    perm_types: np.ndarray,
+) -> list[np.ndarray]:
+    """Patients per composition for each split (in fill order): the search, else the MILP."""
     search = _Search(vectors)
     total = np.sum(fill_targets, axis=0)
     solution = None
@@ -632,31 +660,21 @@ def grouped_split(
             )
     except _BudgetExceeded:
         pass
-    if solution is None:
-        # the search can thrash when the classes are tightly coupled; settle it exactly
-        logger.debug("grouped_split: search gave up after %d steps; solving as MILP", search.steps)
-        prefs = _sequential_preferences(perm_types, caps, vectors, fill_targets)
-        try:
-            solution = _milp_solve(vectors, caps, fill_targets, prefs)
-        except _BudgetExceeded:
-            solution = None
-        if solution is None:
-            raise ValueError(
-                _explain_failure(vectors, caps, fill_targets, fill_names, classes, perm_types)
-            )
-    else:
+    if solution is not None:
         logger.debug("grouped_split solved in %d search steps", search.steps)
-
-    # patients in seeded order within each composition: val, then test, then train, then unused
-    group_split = np.full(len(uniq), UNUSED, dtype="<U6")
-    for t in range(len(vectors)):
-        members = perm[perm_types == t]
-        start = 0
-        for name, x in zip(fill_names, solution, strict=True):
-            group_split[members[start : start + int(x[t])]] = name
-            start += int(x[t])
-    splits[:] = group_split[g_idx]
-    return splits
+        return solution
+    # the search can thrash when the classes are tightly coupled; settle it exactly
+    logger.debug("grouped_split: search gave up after %d steps; solving as MILP", search.steps)
+    prefs = _sequential_preferences(perm_types, caps, vectors, fill_targets)
+    try:
+        solution = _milp_solve(vectors, caps, fill_targets, prefs)
+    except _BudgetExceeded:
+        solution = None
+    if solution is None:
+        raise ValueError(
+            _explain_failure(vectors, caps, fill_targets, fill_names, classes, perm_types)
+        )
+    return solution
 
 
 # --------------------------------------------------------------------------------------------
