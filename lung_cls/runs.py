@@ -16,6 +16,7 @@ Layout of a run dir::
       cams.npz                                    CamKey arrays of every test image
       timing.json                                 seconds per phase (kept apart so that equal
                                                   runs give byte-identical metrics.json)
+      step_timing.json                            data wait vs compute per step (StepTimer only)
       checkpoints/best.ckpt                       weights only, best validation epoch
       checkpoints/last.ckpt                       full state, with resumable=true
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
@@ -55,6 +57,7 @@ class RunFile(_StrEnum):
     PREDICTIONS = "predictions.csv"
     CAMS = "cams.npz"
     TIMING = "timing.json"
+    STEP_TIMING = "step_timing.json"  # evaluation.timing.StepTimer, when that callback is on
     BEST_CKPT = "checkpoints/best.ckpt"
     LAST_CKPT = "checkpoints/last.ckpt"
 
@@ -102,12 +105,17 @@ def run_file(run_dir: str | os.PathLike, name: RunFile) -> Path:
 
 # --------------------------------------------------------------------------- finding run dirs
 def is_run_dir(path: str | os.PathLike) -> bool:
-    """A folder that a training job wrote into: it has a ``metrics.json`` or a Hydra config."""
+    """A folder that a training job wrote into: it has a ``metrics.json``, or a Hydra config and
+    no ``multirun.yaml`` (the top folder of a Hydra multirun is a sweep, not a run)."""
     path = Path(path)
-    return (path / str(RunFile.METRICS)).is_file() or (path / str(RunFile.HYDRA_CONFIG)).is_file()
+    if (path / str(RunFile.METRICS)).is_file():
+        return True
+    return (path / str(RunFile.HYDRA_CONFIG)).is_file() and not (path / "multirun.yaml").is_file()
 
 
-def find_run_dirs(sweep_dir: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+def find_run_dirs(
+    sweep_dir: str | os.PathLike, exclude: str | os.PathLike | None = None
+) -> list[Path]:
     """Every run dir under ``sweep_dir``, sorted; ``sweep_dir`` itself when it is a single run.
 
     A run dir is a folder with ``metrics.json`` or ``.hydra/config.yaml`` (a job that started but
@@ -120,11 +128,8 @@ def find_run_dirs(sweep_dir: str | os.PathLike, exclude: str | os.PathLike | Non
     excluded = Path(exclude).resolve() if exclude is not None else None
     if not root.is_dir():
         return []
-    if (root / str(RunFile.METRICS)).is_file() or (root / str(RunFile.HYDRA_CONFIG)).is_file():
-        # A single run, unless it is a Hydra multirun's top folder (which has multirun.yaml and
-        # no metrics of its own).
-        if (root / str(RunFile.METRICS)).is_file() or not (root / "multirun.yaml").is_file():
-            return [root]
+    if is_run_dir(root):
+        return [root]
     found: list[Path] = []
     for here, dirs, _files in os.walk(root):
         here_path = Path(here)
@@ -278,11 +283,13 @@ def read_cams(run_dir_or_file: str | os.PathLike) -> dict[str, np.ndarray]:
             arrays = {k: np.asarray(z[k]) for k in z.files}
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: unreadable ({err})") from None
     cams, labels = arrays.get(CamKey.CAMS.value), arrays.get(CamKey.LABELS.value)
     if cams is None or labels is None:
-        raise ValueError(f"{path}: needs the arrays {CamKey.CAMS.value!r} and {CamKey.LABELS.value!r}")
+        raise ValueError(
+            f"{path}: needs the arrays {CamKey.CAMS.value!r} and {CamKey.LABELS.value!r}"
+        )
     if cams.ndim != 3 or labels.shape != (cams.shape[0],):
         raise ValueError(f"{path}: cams {cams.shape} and labels {labels.shape} do not match")
     return arrays

@@ -286,13 +286,17 @@ def run_cli(
 
 def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     """One record per run dir: status, metrics, start/end from the files it wrote, timings."""
+    from lung_cls.runs import RunFile, find_run_dirs, read_metrics, run_file
+
     runs = []
-    for cfg_file in sorted(sweep_dir.glob("*/config_resolved.yaml")):
-        run_dir = cfg_file.parent
+    for run_dir in find_run_dirs(sweep_dir):
+        cfg_file = run_file(run_dir, RunFile.CONFIG)
+        if not cfg_file.is_file():  # Hydra made the dir, the job never started training
+            continue
         rec: dict[str, Any] = {"run": run_dir.name, "start": cfg_file.stat().st_mtime}
-        mpath = run_dir / "metrics.json"
-        if mpath.is_file():
-            m = json.loads(mpath.read_text())
+        mpath = run_file(run_dir, RunFile.METRICS)
+        m = read_metrics(run_dir)
+        if m is not None:
             rec.update(
                 status=m.get("status"),
                 model=m.get("model"),
@@ -311,12 +315,12 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
             rec["seconds"] = rec["end"] - rec["start"]
         else:
             rec["status"] = "unfinished"
-        for name in ("step_timing.json", "timing.json"):
-            p = run_dir / name
+        for name in (RunFile.STEP_TIMING, RunFile.TIMING):
+            p = run_file(run_dir, name)
             if p.is_file():
                 data = json.loads(p.read_text())
                 data.pop("per_epoch", None)
-                rec[name.removesuffix(".json")] = data
+                rec[str(name).removesuffix(".json")] = data
         runs.append(rec)
     return runs
 
@@ -392,10 +396,16 @@ def _median(values: list[Any]) -> float | None:
 
 def metrics_equal(dir_a: Path, dir_b: Path) -> dict[str, Any]:
     """Same run names in both dirs with byte-identical metrics.json and predictions.csv?"""
-    names = sorted(p.parent.name for p in dir_a.glob("*/metrics.json"))
+    from lung_cls.runs import RunFile, find_run_dirs
+
+    names = [
+        str(p.relative_to(dir_a))
+        for p in find_run_dirs(dir_a)
+        if (p / str(RunFile.METRICS)).is_file()
+    ]
     same = []
     for name in names:
-        files = ("metrics.json", "predictions.csv")
+        files = (str(RunFile.METRICS), str(RunFile.PREDICTIONS))
         same.append(
             all(
                 (dir_b / name / f).is_file()

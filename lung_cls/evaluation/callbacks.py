@@ -16,14 +16,21 @@ import lightning as L
 import numpy as np
 import torch
 
-from lung_cls.data.sources import CLASS_NAMES
 from lung_cls.evaluation.metrics import binary_metrics, bootstrap_ci, roc_points
+from lung_cls.labels import CLASS_NAMES, POSITIVE_CLASS
 from lung_cls.models.classifier import predict_probs
-from lung_cls.utils.io import atomic_savez, atomic_write_json, write_csv_atomic
+from lung_cls.runs import (
+    PREDICTION_FIELDS,  # noqa: F401 - re-exported: callbacks.PREDICTION_FIELDS
+    RunFile,
+    Status,
+    run_file,
+    write_cams,
+    write_metrics,
+    write_predictions,
+)
+from lung_cls.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-PREDICTION_FIELDS = ("id", "path", "patient_id", "split", "label", "prob_perfusion", "pred")
 
 
 def split_metrics(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, roc: bool) -> dict:
@@ -92,13 +99,13 @@ class RunArtifacts(L.Callback):
                         "pred": int(p >= 0.5),
                     }
                 )
-        write_csv_atomic(self.run_dir / "predictions.csv", rows, PREDICTION_FIELDS)
+        write_predictions(self.run_dir, rows)
 
         y_test = np.asarray(data.labels)[test_idx]
         y_val = np.asarray(data.labels)[val_idx]
         seed = int(self.run_info.get("seed", 0))
         metrics = {
-            "status": "ok",
+            "status": str(Status.OK),
             "error": None,
             **self.run_info,
             "best_epoch": int(getattr(pl_module, "best_epoch", -1)),
@@ -108,7 +115,7 @@ class RunArtifacts(L.Callback):
             "epochs_run": int(trainer.current_epoch),
             "weights": getattr(pl_module, "weights_origin", None),
             "class_names": list(CLASS_NAMES),
-            "positive_class": "perfusion",
+            "positive_class": POSITIVE_CLASS,
             "test": split_metrics(y_test, test_prob, self.n_boot, seed, roc=True),
             "val": split_metrics(y_val, val_prob, self.n_boot, seed, roc=False),
             "data": dm.summary,
@@ -118,9 +125,10 @@ class RunArtifacts(L.Callback):
             self._write_cams(pl_module, data, test_idx, test_prob)
         # Timings live apart from metrics.json, so equal runs give byte-identical metrics.json files.
         atomic_write_json(
-            self.run_dir / "timing.json", {"artifacts_seconds": round(time.perf_counter() - t0, 3)}
+            run_file(self.run_dir, RunFile.TIMING),
+            {"artifacts_seconds": round(time.perf_counter() - t0, 3)},
         )
-        atomic_write_json(self.run_dir / "metrics.json", metrics)
+        write_metrics(self.run_dir, metrics)
         self.result = metrics
         self._log_wandb(trainer, metrics, y_test, test_prob)
 
@@ -140,17 +148,15 @@ class RunArtifacts(L.Callback):
             batch_size=self.cam_batch_size,
             layer=resolve_cam_layer(net.net),
         )
-        arrays: dict[str, np.ndarray] = {
-            "cams": cams.astype(np.float16),
-            "labels": labels.astype(np.int64),
-            "ids": np.asarray(data.ids)[test_idx].astype(str),
-            "images": np.asarray(data.images[test_idx], dtype=np.uint8),
-            "probs": test_prob.astype(np.float32),
-            "preds": (test_prob >= 0.5).astype(np.int64),
-        }
-        for name, masks in (data.masks or {}).items():
-            arrays[f"mask_{name}"] = np.asarray(masks[test_idx], dtype=bool)
-        atomic_savez(self.run_dir / "cams.npz", **arrays)
+        write_cams(
+            self.run_dir,
+            cams=cams,
+            labels=labels,
+            ids=np.asarray(data.ids)[test_idx],
+            images=data.images[test_idx],
+            probs=test_prob,
+            masks={name: masks[test_idx] for name, masks in (data.masks or {}).items()},
+        )
 
     def _log_wandb(self, trainer, metrics: dict, y: np.ndarray, prob: np.ndarray) -> None:
         from lightning.pytorch.loggers import WandbLogger

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-log = logging.getLogger(__name__)
+from lung_cls.labels import CLASS_NAMES, class_name  # noqa: F401 - CLASS_NAMES re-exported
+from lung_cls.runs import masks_of
 
-#: Same order as ``lung_cls.data.sources.CLASS_NAMES`` (internals.md): index = label.
-CLASS_NAMES: tuple[str, str] = ("ventilation", "perfusion")
+log = logging.getLogger(__name__)
 
 #: Which truth masks hold the evidence for each class. Names absent from the data are skipped
 #: (and reported under "missing"), so the map can list every feature the phantom may draw.
@@ -165,7 +165,7 @@ def score_cams(
     result: dict[str, dict[str, Any]] = {}
     for label, names in fmap.items():
         label = int(label)
-        cls_name = CLASS_NAMES[label] if 0 <= label < len(CLASS_NAMES) else str(label)
+        cls_name = class_name(label)
         present = [n for n in names if n in checked]
         missing = [n for n in names if n not in checked]
         if missing:
@@ -199,10 +199,5 @@ def score_cams(
     return result
 
 
-def masks_from_npz(arrays: Mapping[str, Any], prefix: str = "mask_") -> dict[str, np.ndarray]:
-    """Truth masks out of a ``cams.npz`` mapping: ``mask_<name>`` arrays -> ``{name: bool}``."""
-    return {
-        key[len(prefix) :]: np.asarray(arrays[key]).astype(bool)
-        for key in arrays
-        if key.startswith(prefix)
-    }
+#: The truth masks among ``cams.npz`` arrays; the run-dir contract owns the ``mask_`` prefix.
+masks_from_npz = masks_of

@@ -63,21 +63,21 @@ class ReportOnMultirunEnd(Callback):
         self._exit_status(config)
 
     def _exit_status(self, config: DictConfig) -> None:
-        """Exit 1 after the report when any job failed, so scripts notice; every result is kept."""
+        """Exit 1 after the report when any job did not finish, so scripts notice; every result
+        is kept. A job dir without ``metrics.json`` (killed, or it never started) counts too."""
         if not self.fail_on_failed_runs:
             return
-        import json
         import sys
-        from pathlib import Path
 
+        from lung_cls.errors import EXIT_PROBLEMS
+        from lung_cls.runs import Status, find_run_dirs, run_status
+
+        sweep_dir = str(config.hydra.sweep.dir)
         bad = []
-        for metrics in sorted(Path(str(config.hydra.sweep.dir)).glob("*/metrics.json")):
-            try:
-                status = json.loads(metrics.read_text()).get("status")
-            except (OSError, ValueError):
-                status = "unreadable"
-            if status != "ok":
-                bad.append(f"{metrics.parent.name} ({status})")
+        for run_dir in find_run_dirs(sweep_dir):
+            status = run_status(run_dir)
+            if status != Status.OK:
+                bad.append(f"{run_dir.relative_to(sweep_dir)} ({status})")
         if bad:
             log.error("%d job(s) of the sweep did not finish: %s", len(bad), ", ".join(bad))
-            sys.exit(1)
+            sys.exit(EXIT_PROBLEMS)

@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lung_cls.runs import RunFile, run_file
 from lung_cls.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,8 @@ class StepTimer(L.Callback):
     def _write(self, trainer: L.Trainer) -> None:
         if self.out == "" or not trainer.is_global_zero:
             return
-        path = Path(self.out) if self.out else Path(trainer.default_root_dir) / "step_timing.json"
+        default = run_file(trainer.default_root_dir, RunFile.STEP_TIMING)
+        path = Path(self.out) if self.out else default
         try:
             atomic_write_json(path, {**self.summary, "per_epoch": self.epochs})
         except OSError as err:  # timing is diagnostics: never fail a run over it
