@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ROOT, compose
 
-from lung_cls.train import _resolve_ckpt_path, run
+from lung_cls.training import resolve_ckpt_path, run
 from lung_cls.utils.hydra import UserError
 
 TESTS = Path(__file__).resolve().parent
@@ -153,17 +153,17 @@ def test_resume_flags_resolve_to_last_ckpt(tmp_path):
     cfg = compose(["debug=tiny", f"paths.output_dir={tmp_path}", "resume=true"])
     # resume=true and nothing to resume: start from scratch (re-running a sweep that had jobs
     # that never started).
-    assert _resolve_ckpt_path(cfg, tmp_path) is None
+    assert resolve_ckpt_path(cfg, tmp_path) is None
     # ckpt_path=last insists.
     cfg_last = compose(["debug=tiny", f"paths.output_dir={tmp_path}", "ckpt_path=last"])
     with pytest.raises(UserError, match="nothing to resume"):
-        _resolve_ckpt_path(cfg_last, tmp_path)
+        resolve_ckpt_path(cfg_last, tmp_path)
     last.parent.mkdir(parents=True)
     last.write_bytes(b"x")
-    assert _resolve_ckpt_path(cfg, tmp_path) == str(last)
-    assert _resolve_ckpt_path(cfg_last, tmp_path) == str(last)
+    assert resolve_ckpt_path(cfg, tmp_path) == str(last)
+    assert resolve_ckpt_path(cfg_last, tmp_path) == str(last)
     cfg_path = compose(
         ["debug=tiny", f"paths.output_dir={tmp_path}", f"ckpt_path={tmp_path / 'no.ckpt'}"]
     )
     with pytest.raises(UserError, match="points to no file"):
-        _resolve_ckpt_path(cfg_path, tmp_path)
+        resolve_ckpt_path(cfg_path, tmp_path)

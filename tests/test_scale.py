@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from lung_cls.data.augment import BatchAugment
 from lung_cls.data.datamodule import DataSetupError, TensorBatches
-from lung_cls.train import _ddp_relaunches_script, missing_launcher_plugin
+from lung_cls.launch import ddp_relaunches_script, missing_launcher_plugin
 
 PLUGIN = pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
@@ -133,15 +133,15 @@ def test_ddp_relaunch_is_detected(monkeypatch):
     def trainer(**kw):
         return OmegaConf.create({"strategy": "auto", "devices": 1, "num_nodes": 1, **kw})
 
-    assert _ddp_relaunches_script(trainer(strategy="ddp", devices=2))
-    assert _ddp_relaunches_script(trainer(strategy="ddp", devices="auto"))  # unsure: yes
-    assert not _ddp_relaunches_script(trainer(strategy="ddp", devices=1))
-    assert not _ddp_relaunches_script(trainer(devices=2))
-    assert not _ddp_relaunches_script(trainer(strategy="ddp_spawn", devices=2))
+    assert ddp_relaunches_script(trainer(strategy="ddp", devices=2))
+    assert ddp_relaunches_script(trainer(strategy="ddp", devices="auto"))  # unsure: yes
+    assert not ddp_relaunches_script(trainer(strategy="ddp", devices=1))
+    assert not ddp_relaunches_script(trainer(devices=2))
+    assert not ddp_relaunches_script(trainer(strategy="ddp_spawn", devices=2))
     # SLURM started one task per device: Lightning re-launches nothing.
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
-    assert not _ddp_relaunches_script(trainer(strategy="ddp", devices=2))
+    assert not ddp_relaunches_script(trainer(strategy="ddp", devices=2))
 
 
 def _batches(n, batch, world, shuffle, augment=None):

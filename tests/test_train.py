@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, compose, tiny_overrides
 
 from lung_cls.models.backbone import WeightsNotFoundError, create_backbone
-from lung_cls.train import run, train
+from lung_cls.training import run, train
 
 PAPER_MODELS = {
     "vgg16": "vgg16.tv_in1k",
