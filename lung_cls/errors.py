@@ -27,7 +27,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: Exit codes of every command.
 EXIT_OK = 0
-EXIT_PROBLEMS = 1  # ran to the end but found problems (a failed sweep job, a mismatch with fail_on_mismatch)
+# Ran to the end but found problems (a failed sweep job, a mismatch with fail_on_mismatch).
+EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2  # an expected error: bad input or configuration
 EXIT_INTERRUPTED = 130  # Ctrl-C
 

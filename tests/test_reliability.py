@@ -404,7 +404,7 @@ def test_skip_mode_lists_every_bad_file(messy):
 
 @pytest.mark.slow
 def test_skip_mode_run_trains_and_reports_skipped(messy, tmp_path, caplog):
-    from lung_cls.train import run
+    from lung_cls.training import run
 
     root, expected = messy
     cfg = compose(
@@ -703,7 +703,7 @@ def _completed(run_dir: Path, value: float = 0.75) -> bytes:
 
 
 def test_completed_run_dir_is_never_silently_overwritten(tmp_path):
-    from lung_cls.train import run
+    from lung_cls.training import run
 
     run_dir = tmp_path / "run"
     before = _completed(run_dir)
@@ -719,50 +719,13 @@ def test_completed_run_dir_is_never_silently_overwritten(tmp_path):
 
 @pytest.mark.parametrize("flag", ["skip_completed=true", "resume=true"])
 def test_completed_run_dir_is_skipped(tmp_path, flag):
-    from lung_cls.train import run
+    from lung_cls.training import run
 
     run_dir = tmp_path / "run"
     before = _completed(run_dir, 0.75)
     assert run(compose(["debug=tiny", f"paths.output_dir={run_dir}", flag])) == 0.75
     assert (run_dir / "metrics.json").read_bytes() == before
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json"]
-
-
-def test_clean_errors_unwraps_hydra_instantiate(capsys, monkeypatch):
-    """An expected error raised inside ``hydra.utils.instantiate`` (missing weights, a missing
-    file) is shown as its own one-line message, not as Hydra's "Error in call to target" repr."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    from lung_cls.utils.hydra import clean_errors
-
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    missing = "/nonexistent/lung_cls/weights.pth"
-
-    @clean_errors
-    def job():
-        instantiate({"_target_": "builtins.open", "file": missing})
-
-    with pytest.raises(SystemExit) as info:
-        job()
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and missing in err, err
-    assert "Error in call to target" not in err and len(err.strip().splitlines()) == 1, err
-
-    @clean_errors
-    def broken():  # not the user's fault: the traceback stays
-        instantiate({"_target_": "builtins.int", "x": "not a number"})
-
-    with pytest.raises(InstantiationException):
-        broken()
-
-
-def test_expected_errors_include_data_errors():
-    from lung_cls.utils.hydra import expected_errors
-
-    errors = expected_errors()
-    assert DataError in errors and DataSetupError in errors and UserError in errors
 
 
 # --------------------------------------------------------------------------------------------------

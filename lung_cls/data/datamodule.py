@@ -19,7 +19,6 @@ import torch
 from lung_cls.data.augment import BatchAugment
 from lung_cls.data.augment import from_config as augment_from_config
 from lung_cls.data.preprocess import PreparedData, prepare_dataset
-from lung_cls.data.sources import CLASS_NAMES
 from lung_cls.data.split import (
     check_disjoint,
     duplicate_content,
@@ -28,14 +27,12 @@ from lung_cls.data.split import (
     split_summary,
     upsample_indices,
 )
+from lung_cls.errors import DataSetupError  # re-exported: datamodule.DataSetupError
+from lung_cls.labels import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-class DataSetupError(ValueError):
-    """The data cannot be split or used as configured; the message says why."""
 
 
 class TensorBatches:

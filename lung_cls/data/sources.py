@@ -15,17 +15,19 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+# Defined once elsewhere, re-exported here where readers have always found them.
+from lung_cls.errors import DataError
+from lung_cls.labels import CLASS_NAMES
+from lung_cls.utils.io import to_plain
 
-CLASS_NAMES: tuple[str, str] = ("ventilation", "perfusion")
-"""``CLASS_NAMES[label]`` is the class name: 0 ventilation, 1 perfusion (the positive class)."""
+log = logging.getLogger(__name__)
 
 DEFAULT_CLASS_DIRS: dict[str, str] = {"perfusion": "perfusion", "ventilation": "ventilation"}
 DEFAULT_EXTENSIONS: tuple[str, ...] = ("dcm", "dicom", "", "png", "tif", "tiff", "npy")
@@ -57,18 +59,6 @@ class Study:
     truth: dict | None = None
 
 
-class DataError(Exception):
-    """A file that cannot be used, with the reason. ``str(err)`` is ``"<path>: <reason>"``."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
-        self.reason = str(reason)
-        super().__init__(self.path, self.reason)  # keeps the error picklable (DDP, joblib)
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
@@ -93,19 +83,6 @@ def _class_dirs_or_none(data_cfg: Mapping[str, Any]) -> Any:
         return DEFAULT_CLASS_DIRS
     except Exception:
         return DEFAULT_CLASS_DIRS
-
-
-def to_plain(obj: Any) -> Any:
-    """Mapping/sequence trees (e.g. OmegaConf containers) -> plain dict/list, for hashing and json."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(obj[k]) for k in obj}
-    if isinstance(obj, (list, tuple)) or (
-        isinstance(obj, Sequence) and not isinstance(obj, (str, bytes))
-    ):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:

@@ -18,13 +18,11 @@ import timm
 import torch
 from torch import nn
 
+from lung_cls.errors import WeightsNotFoundError  # re-exported: backbone.WeightsNotFoundError
+
 log = logging.getLogger(__name__)
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Pretrained weights were asked for but no local copy exists."""
 
 
 def _cached_hf_file(hf_hub_id: str | None) -> str | None:

@@ -1,23 +1,27 @@
-"""Hydra glue shared by the entry points: resolvers, clean errors, instantiation helpers."""
+"""Hydra glue shared by the entry points: resolvers, sweep dir names, quoting of path overrides.
+
+Light on purpose (OmegaConf, no torch, no ``lung_cls.data``): every door imports it before it
+knows whether it will train anything. Errors and the task wrapper live in ``lung_cls.errors``.
+"""
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
+# Re-exported for the modules that still import them from here (report, predict, export); new
+# code imports them from lung_cls.errors / lung_cls.utils.io.
+from lung_cls.errors import UserError, task_wrapper
+from lung_cls.utils.io import to_plain
 
-
-class UserError(Exception):
-    """Bad input or configuration that the user can fix; shown as one line, never a traceback."""
+#: The old name of :func:`lung_cls.errors.task_wrapper` (predict and export still use it).
+clean_errors = task_wrapper
+#: The old name of :func:`lung_cls.utils.io.to_plain` for OmegaConf configs.
+to_container = to_plain
 
 
 @functools.cache
@@ -114,69 +118,12 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "your input or config is wrong" rather than "the program is broken"."""
-    from lung_cls.data.sources import DataError
-
-    errors: list[type[BaseException]] = [UserError, DataError, FileNotFoundError]
-    # Only a loaded data module can have raised its error; never import the training stack (torch,
-    # Lightning) just to classify an exception.
-    datamodule = sys.modules.get("lung_cls.data.datamodule")
-    if datamodule is not None:
-        errors.append(datamodule.DataSetupError)
-    from omegaconf.errors import MissingMandatoryValue
-
-    errors.append(MissingMandatoryValue)
-    return tuple(errors)
-
-
-def unwrap_expected(err: BaseException | None) -> BaseException | None:
-    """The expected error behind ``err``: itself, or the cause that Hydra's ``instantiate`` wrapped
-    (``InstantiationException: Error in call to target ...``); None when it is not an expected one.
-    """
-    from hydra.errors import InstantiationException
-
-    for _ in range(8):
-        if err is None:
-            return None
-        if isinstance(err, expected_errors()):
-            return err
-        if not isinstance(err, InstantiationException):
-            return None
-        err = err.__cause__
-    return None
-
-
-def _log_to_files(level: int, message: str) -> None:
-    """Write one record to the log files only (the job's ``<task>.log``), not to the console."""
-    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def clean_errors(fn: F) -> F:
-    """Turn expected errors into one clear line on stderr and exit code 2.
-
-    ``HYDRA_FULL_ERROR=1`` re-raises them so a developer still gets the traceback.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            cause = unwrap_expected(err)
-            if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            _log_to_files(logging.ERROR, str(cause))  # the run's log keeps it; the console...
-            print(f"error: {cause}", file=sys.stderr)  # ...shows it once, as this one line
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def to_container(cfg: DictConfig | Any) -> Any:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
+__all__ = [
+    "UserError",
+    "clean_errors",
+    "cpu_bf16_supported",
+    "quote_path_overrides",
+    "register_resolvers",
+    "sweep_subdir",
+    "to_container",
+]
