@@ -1,4 +1,5 @@
-"""The paper's pre-processing: geometry, centring, the NMI fallback, masks and the cache."""
+"""The paper's pre-processing: geometry, centring, the NMI fallback, masks and the cache
+(the preprocess command: tests/cli/test_preprocess_cli.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from conftest import CONF, lungs
 
 import lung_cls.data.preprocess as P
 import lung_cls.data.sources as S
@@ -25,30 +27,6 @@ from lung_cls.data.preprocess import (
 )
 
 SCALE = 224 / 256
-
-
-def lungs(size=256, off=(0.0, 0.0), rng=None, bridge=False, noise=True, shape=None):
-    """Two Gaussian-blob 'lungs' whose midpoint sits ``off`` px from the image centre.
-
-    ``bridge`` adds activity between them (a trachea-like band) so thresholding cannot split them.
-    """
-    h, w = shape or (size, size)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    cy0, cx0 = (h - 1) / 2 + off[0], (w - 1) / 2 + off[1]
-    s = size / 256
-    img = np.zeros((h, w), np.float32)
-    for side, amp in ((-1, 1.0), (1, 0.85)):
-        cx = cx0 + side * 45 * s
-        img += amp * np.exp(-((((yy - cy0) / (55 * s)) ** 2 + ((xx - cx) / (24 * s)) ** 2) ** 2))
-    if bridge:
-        img += 0.9 * np.exp(
-            -((((yy - cy0 + 30 * s) / (45 * s)) ** 2 + ((xx - cx0) / (30 * s)) ** 2) ** 2)
-        )
-    img *= 1000
-    if noise:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        img = rng.poisson(img + 5).astype(np.float32)
-    return img
 
 
 def shifts(infos):
@@ -340,9 +318,7 @@ def test_phantom_prepared_masks_cached(tmp_path):
 
 
 def _conf_prep():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[1] / "conf" / "prep" / "paper.yaml"
+    return CONF / "prep" / "paper.yaml"
 
 
 def test_paper_yaml_equals_code_defaults():
@@ -353,104 +329,3 @@ def test_paper_yaml_equals_code_defaults():
     assert prep_config(cfg) == {**PREP_DEFAULTS, **cfg}
     assert set(cfg) == set(PREP_DEFAULTS)
     assert cfg["size"] == 224 and cfg["threshold"] == 30
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _cli_input(root):
-    rng = np.random.default_rng(7)
-    from PIL import Image
-
-    for cls in ("perfusion", "ventilation"):
-        (root / cls).mkdir(parents=True)
-        for i in range(2):
-            img = lungs(
-                off=rng.uniform(-15, 15, 2), rng=rng, bridge=(cls == "ventilation" and i == 0)
-            )
-            Image.fromarray((img / img.max() * 255).astype(np.uint8)).save(root / cls / f"{i}.png")
-    np.save(root / "perfusion" / "2.npy", lungs(rng=rng))
-
-
-def test_cli_config_and_run(tmp_path):
-    from conftest import compose
-
-    from lung_cls.preprocess import run
-
-    _cli_input(tmp_path / "in")
-    cfg = compose(
-        [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "size=96", "figures=true"],
-        config_name="preprocess",
-    )
-    assert cfg.prep.size == 96 and cfg.prep.threshold == 30
-    import yaml
-
-    hydra_cfg = yaml.safe_load(_conf_prep().parents[1].joinpath("preprocess.yaml").read_text())[
-        "hydra"
-    ]
-    assert hydra_cfg["output_subdir"] is None and hydra_cfg["run"]["dir"] == "."
-    summary = run(cfg)
-    assert summary["n"] == 5 and summary["methods"] == {"centroid": 4, "nmi": 1}
-    out = tmp_path / "out"
-    from PIL import Image
-
-    img = np.asarray(Image.open(out / "perfusion" / "2.png"))
-    assert img.shape == (96, 96) and img.dtype == np.uint8
-    rows = (out / "preprocess.csv").read_text().splitlines()
-    assert rows[0].startswith("file,method,shift_y,shift_x")
-    assert any(r.startswith("ventilation/0.png,nmi,") for r in rows)
-    assert len(list((out / "figures").rglob("*.png"))) == 5
-    # a non-empty output folder is refused unless overwrite=true
-    from lung_cls.utils.hydra import UserError
-
-    with pytest.raises(UserError, match="not empty"):
-        run(cfg)
-    cfg.overwrite = True
-    cfg.figures = False
-    assert run(cfg)["n"] == 5
-
-
-def test_cli_label_less_folder_and_manifest(tmp_path):
-    from conftest import compose
-
-    from lung_cls.preprocess import data_config_for, run
-    from lung_cls.utils.hydra import UserError
-
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(2):
-        np.save(src / f"x{i}.npy", lungs(rng=np.random.default_rng(i)))
-    cfg = compose([f"input={src}", f"output={tmp_path / 'o'}"], config_name="preprocess")
-    assert data_config_for(src, cfg)["class_dirs"] is None
-    assert run(cfg)["n"] == 2
-    cfg = compose([f"input={src}", f"output={src / 'o'}"], config_name="preprocess")
-    with pytest.raises(UserError, match="inside the input folder"):
-        run(cfg)
-    (src / "m.csv").write_text("path,label\nx0.npy,perfusion\n")
-    cfg = compose([f"input={src / 'm.csv'}", f"output={tmp_path / 'o2'}"], config_name="preprocess")
-    assert run(cfg)["n"] == 1
-    assert (tmp_path / "o2" / "x0.png").exists()
-
-
-@pytest.mark.slow
-def test_cli_bad_file_is_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    _cli_input(tmp_path / "in")
-    (tmp_path / "in" / "perfusion" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nxx")
-    cmd = [
-        sys.executable,
-        "-m",
-        "lung_cls.preprocess",
-        f"input={tmp_path / 'in'}",
-        f"output={tmp_path / 'out'}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "bad.png: not a readable PNG image" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    proc = subprocess.run(
-        cmd + ["on_error=skip"], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Skipped 1 file(s)" in proc.stderr
-    assert not (tmp_path / "outputs").exists() and not list(tmp_path.glob("*.log"))

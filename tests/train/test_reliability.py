@@ -28,12 +28,12 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from lung_cls.data.datamodule import DataSetupError, LungScanDataModule
+from lung_cls.data.datamodule import LungScanDataModule
 from lung_cls.data.dicomio import write_nm_dicom
 from lung_cls.data.preprocess import prepare_dataset, preprocess_set
-from lung_cls.data.sources import DataError, load_studies, read_image
+from lung_cls.data.sources import load_studies, read_image
+from lung_cls.errors import DataError, DataSetupError, UserError
 from lung_cls.utils import io as safe_io
-from lung_cls.utils.hydra import UserError
 
 SR_SOP = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
 RTSTRUCT_SOP = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set
@@ -603,60 +603,6 @@ def test_patient_leakage_guard_fires(vq_pairs, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Safe I/O
 # --------------------------------------------------------------------------------------------------
-def _writers(tmp_path: Path) -> dict[str, tuple[Path, Callable[[int], Any]]]:
-    def json_w(v: int) -> Any:
-        return safe_io.atomic_write_json(tmp_path / "metrics.json", {"status": "ok", "v": v})
-
-    def csv_w(v: int) -> Any:
-        return safe_io.write_csv_atomic(tmp_path / "predictions.csv", [{"id": i, "v": v} for i in range(50)], ["id", "v"])  # fmt: skip
-
-    def npz_w(v: int) -> Any:
-        return safe_io.atomic_savez(tmp_path / "cams.npz", cams=np.full((4, 8, 8), v, np.float16))
-
-    return {
-        "metrics.json": (tmp_path / "metrics.json", json_w),
-        "predictions.csv": (tmp_path / "predictions.csv", csv_w),
-        "cams.npz": (tmp_path / "cams.npz", npz_w),
-    }
-
-
-@pytest.mark.parametrize("name", ["metrics.json", "predictions.csv", "cams.npz"])
-def test_atomic_writes_keep_the_previous_file(tmp_path, monkeypatch, name):
-    path, write = _writers(tmp_path)[name]
-    write(1)
-    before = path.read_bytes()
-
-    def crash(src, dst):
-        # The new content is complete in the temporary file at this point; the crash comes at
-        # the rename, the last step.
-        assert Path(src).parent == path.parent and Path(src).stat().st_size > 0
-        raise OSError("disk pulled out")
-
-    monkeypatch.setattr(safe_io.os, "replace", crash)
-    with pytest.raises(OSError, match="disk pulled out"):
-        write(2)
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no partial or temporary file
-    write(3)  # and a later write still works
-    assert path.read_bytes() != before
-
-
-def test_atomic_csv_failing_mid_write_keeps_the_previous_file(tmp_path):
-    path = tmp_path / "predictions.csv"
-    safe_io.write_csv_atomic(path, [{"id": 1}], ["id"])
-    before = path.read_bytes()
-
-    def rows():
-        yield {"id": 2}
-        raise RuntimeError("killed while writing rows")
-
-    with pytest.raises(RuntimeError):
-        safe_io.write_csv_atomic(path, rows(), ["id"])
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
-
-
 def _calls(tree: ast.AST, attr: str) -> list[ast.Call]:
     return [
         node for node in ast.walk(tree)

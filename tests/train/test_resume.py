@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import ROOT, compose
 
+from lung_cls.errors import UserError
 from lung_cls.training import resolve_ckpt_path, run
-from lung_cls.utils.hydra import UserError
 
 TESTS = Path(__file__).resolve().parent
 MAX_EPOCHS = 4

@@ -20,7 +20,8 @@ from conftest import CONF, ROOT
 from omegaconf import OmegaConf
 
 from lung_cls.data.augment import BatchAugment
-from lung_cls.data.datamodule import DataSetupError, TensorBatches
+from lung_cls.data.datamodule import TensorBatches
+from lung_cls.errors import DataSetupError
 from lung_cls.launch import ddp_relaunches_script, missing_launcher_plugin
 
 PLUGIN = pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
