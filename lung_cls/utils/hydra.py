@@ -13,15 +13,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-# Re-exported for the modules that still import them from here (report, predict, export); new
-# code imports them from lung_cls.errors / lung_cls.utils.io.
+# Re-exported for the modules that still import them from here (predict, export); new code
+# imports them from lung_cls.errors.
 from lung_cls.errors import UserError, task_wrapper
-from lung_cls.utils.io import to_plain
 
 #: The old name of :func:`lung_cls.errors.task_wrapper` (predict and export still use it).
 clean_errors = task_wrapper
-#: The old name of :func:`lung_cls.utils.io.to_plain` for OmegaConf configs.
-to_container = to_plain
 
 
 @functools.cache
@@ -125,5 +122,4 @@ __all__ = [
     "quote_path_overrides",
     "register_resolvers",
     "sweep_subdir",
-    "to_container",
 ]
