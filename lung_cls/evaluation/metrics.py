@@ -150,34 +150,28 @@ def binary_metrics(
 
 
 def roc_points(y_true: Any, prob: Any, *, drop_intermediate: bool = True) -> dict[str, list[float]]:
-    """ROC curve points, identical to ``sklearn.metrics.roc_curve`` (same defaults).
+    """ROC curve points of ``sklearn.metrics.roc_curve`` (same defaults), as plain lists.
 
-    One point per distinct score, from the highest threshold down: an image counts as perfusion
-    when ``prob >= threshold``. The first point is (0, 0) at threshold ``+inf``. With
-    ``drop_intermediate`` a point is dropped when the step into it equals the step out of it (it
-    lies mid-way on a straight segment), which leaves the drawn curve and its area unchanged.
-    ``fpr`` is all ``nan`` when there are no negatives, ``tpr`` when there are no positives.
+    Why a wrapper and not a call: the labels and scores get this module's checks (0/1 labels,
+    finite scores), the result goes straight into ``metrics.json``, and a test set with one class
+    gives all-``nan`` ``fpr`` (no negatives) or ``tpr`` (no positives) without scikit-learn's
+    warning, as the other metrics here do. An image counts as perfusion when
+    ``prob >= threshold``; the first point is (0, 0) at threshold ``+inf``; ``drop_intermediate``
+    drops points that lie mid-way on a straight segment (the curve and its area are unchanged).
 
     Note: ``thresholds[0]`` is ``inf``; ``json.dump`` writes it as ``Infinity`` (valid for
     Python's json, not for strict JSON readers).
     """
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve
+
     y = _check_labels(y_true)
     s = _check_scores(prob, y.size)
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    # The last index of each run of equal scores: the curve moves once per distinct score.
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), y.size - 1]
-    tps = np.cumsum(y_sorted)[last].astype(np.float64)
-    fps = (last + 1) - tps
-    thr = s_sorted[last]
-    if drop_intermediate and tps.size > 2:
-        corner = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
-        tps, fps, thr = tps[corner], fps[corner], thr[corner]
-    tps = np.r_[0.0, tps]
-    fps = np.r_[0.0, fps]
-    thr = np.r_[np.inf, thr]
-    fpr = fps / fps[-1] if fps[-1] > 0 else np.full_like(fps, np.nan)
-    tpr = tps / tps[-1] if tps[-1] > 0 else np.full_like(tps, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # one class: nan, said above
+        fpr, tpr, thr = roc_curve(y, s, drop_intermediate=drop_intermediate)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()}
 
 

@@ -112,24 +112,18 @@ def pixelwise_ttest(a: Any, b: Any, equal_var: bool = True) -> tuple[np.ndarray,
 def fdr_bh(p: Any, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Benjamini-Hochberg false-discovery-rate control over all values of ``p`` (any shape).
 
-    q-value of the i-th smallest of m p-values: ``min over j >= i of p_(j) * m / j``, capped at 1;
-    a test is rejected when its q <= alpha. That is the same set as the classic step-up rule
-    (largest i with p_(i) <= i * alpha / m). Valid under independence and under the positive
-    dependence typical of smooth maps. Returns ``(reject_mask, q_values)`` shaped like ``p``.
+    The q-values are ``scipy.stats.false_discovery_control(p, method="bh")`` over the flattened
+    map: q of the i-th smallest of m p-values is ``min over j >= i of p_(j) * m / j``, capped at
+    1; a test is rejected when its q <= alpha, the same set as the classic step-up rule (largest
+    i with p_(i) <= i * alpha / m). Valid under independence and under the positive dependence
+    typical of smooth maps. Returns ``(reject_mask, q_values)`` shaped like ``p``.
     """
     arr = np.asarray(p, dtype=np.float64)
     if arr.size == 0:
         raise ValueError("fdr_bh got no p-values")
     if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
         raise ValueError("fdr_bh: p-values must be finite and lie in [0, 1]")
-    flat = arr.ravel()
-    m = flat.size
-    order = np.argsort(flat, kind="stable")
-    scaled = flat[order] * m / np.arange(1, m + 1)
-    q_sorted = np.minimum.accumulate(scaled[::-1])[::-1]
-    q = np.empty(m)
-    q[order] = np.minimum(q_sorted, 1.0)
-    q = q.reshape(arr.shape)
+    q = np.asarray(sps.false_discovery_control(arr.ravel(), method="bh")).reshape(arr.shape)
     return q <= alpha, q
 
 
