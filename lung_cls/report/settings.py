@@ -43,7 +43,8 @@ def _path(cfg: Mapping[str, Any], key: str, allow_none: bool = False) -> str | N
     value = cfg.get(key)
     if (isinstance(value, str) and value.strip()) or (allow_none and value is None):
         return value
-    raise ConfigError(key, value, "expected a folder path" + (" or null" if allow_none else ""))
+    hint = " or null" if allow_none else f" (required: {key}=DIR)"
+    raise ConfigError(key, value, "expected a folder path" + hint)
 
 
 def from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

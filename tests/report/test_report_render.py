@@ -141,7 +141,8 @@ def test_settings_from_a_good_config() -> None:
         ("alpha", "0.05", "alpha='0.05': expected a number between 0 and 1"),
         ("equal_var", "no", "equal_var='no': expected true or false"),  # bool("no") is True
         ("log_wandb", 1, "log_wandb=1: expected true or false or null"),
-        ("sweep_dir", 5, "sweep_dir=5: expected a folder path"),
+        ("sweep_dir", 5, "sweep_dir=5: expected a folder path (required: sweep_dir=DIR)"),
+        ("sweep_dir", None, "sweep_dir=None: expected a folder path (required: sweep_dir=DIR)"),
         ("out_dir", "", "out_dir='': expected a folder path or null"),
     ],
 )
