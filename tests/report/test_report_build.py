@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from lung_cls.errors import UserError
 from lung_cls.evaluation.metrics import binary_metrics
 from lung_cls.report import build_report, discover_runs
 
@@ -277,7 +279,7 @@ def test_report_errors_and_callback(tmp_path: Path, fake_sweep: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_report(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no run dirs"):
+    with pytest.raises(UserError, match="no run dirs"):  # a UserError too: one line, exit 2
         build_report(tmp_path)
     cb = ReportOnMultirunEnd(n_boot=20, n_perm=5, log_wandb=False)
     cb.on_multirun_end(
@@ -316,6 +318,33 @@ def test_cli_writes_nothing_in_cwd(tmp_path: Path, fake_sweep: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "report.html").exists()
     assert list(cwd.iterdir()) == []
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lung_cls.report", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, fake_sweep: Path) -> None:
+    """A missing sweep dir and a typed config mistake: one ``error:`` line naming it, exit 2,
+    no traceback, nothing written."""
+    proc = _cli(f"sweep_dir={tmp_path / 'nope'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: {tmp_path / 'nope'}: sweep dir does not exist"], proc.stderr
+    out = tmp_path / "out"
+    proc = _cli(f"sweep_dir={fake_sweep}", f"out_dir={out}", "n_boot=many", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: n_boot='many': expected an integer >= 0"], (
+        proc.stderr
+    )
+    assert not out.exists()
 
 
 def test_evaluation_package_import_is_light() -> None:
@@ -383,9 +412,11 @@ def test_report_fallbacks_and_unfinished(tmp_path: Path) -> None:
         in (out / "report.html").read_text()
     )
 
+    # A job that Hydra started (it writes .hydra/ first) but that never wrote metrics.json.
     bad = tmp_path / "b" / "model=vgg16,seed=0"
     (bad / ".hydra").mkdir(parents=True)
     (bad / ".hydra" / "overrides.yaml").write_text("- model=vgg16\n- seed=0\n")
+    (bad / ".hydra" / "config.yaml").write_text("seed: 0\nmodel:\n  name: vgg16\n")
     out = build_report(tmp_path / "b", log_wandb=False)
     assert not (out / "table1.csv").exists()
     text = (out / "report.html").read_text()

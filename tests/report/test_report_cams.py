@@ -1,0 +1,150 @@
+"""Pooling CAMs over seeds and the CAM statistics, on tiny maps whose answers are known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lung_cls.report.cams import (
+    ModelCams,
+    all_cam_statistics,
+    cam_statistics,
+    class_mean_cams,
+    load_model_cams,
+    mean_images,
+)
+from lung_cls.report.discover import RunRecord
+from lung_cls.runs import write_cams
+
+
+def _record(run_dir: Path, seed: int) -> RunRecord:
+    return RunRecord(
+        name=run_dir.name,
+        path=run_dir,
+        model="m",
+        seed=seed,
+        status="ok",
+        cams_path=run_dir / "cams.npz",
+    )
+
+
+def _write(run_dir: Path, cams: np.ndarray, labels, masks=None, images=None) -> RunRecord:
+    n = len(labels)
+    write_cams(
+        run_dir,
+        cams=cams,
+        labels=np.asarray(labels),
+        ids=[f"id{i}" for i in range(n)],
+        images=np.zeros(cams.shape, np.uint8) if images is None else images,
+        probs=np.full(n, 0.7),
+        masks=masks,
+    )
+    return _record(run_dir, int(run_dir.name[-1]))
+
+
+def test_load_model_cams_pools_seeds_and_notes_what_it_leaves_out(tmp_path: Path) -> None:
+    heart = np.ones((2, 4, 4), bool)
+    trachea = np.zeros((2, 4, 4), bool)
+    runs = [
+        _write(
+            tmp_path / "s0", np.full((2, 4, 4), 0.5), [1, 0], {"heart": heart, "trachea": trachea}
+        ),
+        _write(tmp_path / "s1", np.full((2, 4, 4), 2.0), [0, 1], {"heart": heart}),  # clipped to 1
+        _write(tmp_path / "s2", np.zeros((3, 8, 8)), [1, 0, 1]),  # another map size: not used
+        _record(tmp_path / "s3", 3),  # cams.npz missing
+    ]
+    (tmp_path / "s3").mkdir()
+    (tmp_path / "s4").mkdir()
+    (tmp_path / "s4" / "cams.npz").write_bytes(b"not an npz")
+    runs.append(_record(tmp_path / "s4", 4))
+    notes: list[str] = []
+    mc = load_model_cams(runs, notes)
+    assert mc.n_runs == 2
+    assert mc.cams.shape == (4, 4, 4) and mc.cams.dtype == np.float32
+    assert mc.cams.max() == 1.0  # values clipped into [0, 1]
+    assert mc.labels.tolist() == [1, 0, 0, 1]
+    assert mc.ids.tolist() == ["id0", "id1", "id0", "id1"]
+    assert set(mc.masks) == {"heart"}  # only the masks every run has
+    assert mc.masks["heart"].shape == (4, 4, 4)
+    assert any("map size (8, 8) differs" in n and "s2" in n for n in notes), notes
+    assert any("s3" in n and "not used" in n for n in notes), notes
+    assert any("s4" in n and "unreadable" in n for n in notes), notes
+    assert any("truth masks differ" in n and "['heart']" in n for n in notes), notes
+    assert load_model_cams([_record(tmp_path / "nothing", 0)], []) is None
+
+
+def _model_cams(labels, ids, images=None, cams=None) -> ModelCams:
+    n = len(labels)
+    return ModelCams(
+        cams=np.zeros((n, 2, 2)) if cams is None else cams,
+        labels=np.asarray(labels),
+        ids=np.asarray(ids),
+        images=images,
+        masks={},
+        n_runs=1,
+    )
+
+
+def test_mean_images_counts_each_test_image_once() -> None:
+    # Two seeds of the same two images; the second seed's copy of "a" differs, which would move
+    # the mean if repeated images were counted twice.
+    images = np.stack([np.full((2, 2), v, float) for v in (10, 200, 30, 200)])
+    mc = _model_cams([1, 0, 1, 0], ["a", "b", "a", "b"], images=images)
+    out = mean_images({"no_images": _model_cams([1], ["x"]), "m": mc})
+    assert set(out) == {"perfusion", "ventilation"}
+    assert out["perfusion"] == pytest.approx(np.full((2, 2), 10.0))
+    assert out["ventilation"] == pytest.approx(np.full((2, 2), 200.0))
+    assert mean_images({"no_images": _model_cams([1], ["x"])}) == {}
+
+
+def test_class_mean_cams_and_counts() -> None:
+    cams = np.stack([np.full((2, 2), v) for v in (0.2, 0.4, 0.9)])
+    means, counts = class_mean_cams({"m": _model_cams([1, 1, 1], ["a", "b", "c"], cams=cams)})
+    assert list(means["m"]) == ["perfusion"]  # no ventilation CAMs: no mean
+    assert means["m"]["perfusion"] == pytest.approx(np.full((2, 2), 0.5))
+    assert counts == {"m": {"perfusion": 3, "ventilation": 0}}
+
+
+def _two_class_cams() -> ModelCams:
+    """3 perfusion and 3 ventilation 2 x 2 CAMs: pixel (0, 0) is high for perfusion only,
+    the other pixels are noise of the same level in both classes."""
+    perf = np.array([[[0.9, 0.1], [0.2, 0.3]], [[0.8, 0.2], [0.1, 0.3]], [[1.0, 0.1], [0.3, 0.2]]])
+    vent = np.array([[[0.1, 0.2], [0.1, 0.3]], [[0.2, 0.1], [0.3, 0.2]], [[0.0, 0.1], [0.2, 0.3]]])
+    return _model_cams([1, 1, 1, 0, 0, 0], list("abcdef"), cams=np.concatenate([perf, vent]))
+
+
+def test_cam_statistics_difference_and_tests_by_hand() -> None:
+    mc = _two_class_cams()
+    fig, info = cam_statistics(mc, n_perm=0, seed=0, alpha=0.05, equal_var=True)
+    # diff = mean ventilation - mean perfusion: (0.1 + 0.2 + 0.0)/3 - (0.9 + 0.8 + 1.0)/3 = -0.8
+    assert fig["diff"][0, 0] == pytest.approx(-0.8)
+    assert info["diff_min"] == pytest.approx(-0.8)
+    perf, vent = mc.cams[:3], mc.cams[3:]
+    p = stats.ttest_ind(perf, vent, axis=0).pvalue  # Student's test, the paper's
+    assert fig["p_mask"].tolist() == (p < 0.05).tolist()
+    assert fig["p_mask"][0, 0] and not fig["p_mask"][0, 1]
+    assert info["min_p"] == pytest.approx(p.min())
+    assert info["significant_fraction"]["uncorrected"] == pytest.approx(np.mean(p < 0.05))
+    assert "fwer_mask" not in fig and "maxT" not in info["significant_fraction"]  # n_perm = 0
+    assert (info["n_perfusion"], info["n_ventilation"]) == (3, 3)
+    welch = cam_statistics(mc, n_perm=0, seed=0, alpha=0.05, equal_var=False)[1]
+    p_welch = stats.ttest_ind(perf, vent, axis=0, equal_var=False).pvalue
+    assert welch["min_p"] == pytest.approx(p_welch.min())
+
+
+def test_cam_statistics_with_permutations_and_too_few_maps() -> None:
+    fig, info = cam_statistics(_two_class_cams(), n_perm=19, seed=0, alpha=0.05, equal_var=True)
+    assert fig["fwer_mask"].shape == (2, 2)
+    assert info["min_p_fwer"] >= 1 / 20  # the observed labelling counts as one of 20
+    few = _model_cams([1, 1, 0], ["a", "b", "c"])
+    fig, info = cam_statistics(few, n_perm=10, seed=0, alpha=0.05, equal_var=True)
+    assert "diff" in fig and "p_mask" not in fig
+    assert info["note"] == "fewer than 2 CAMs in a class: no t-test"
+    one_class = _model_cams([1, 1], ["a", "b"])
+    maps, infos = all_cam_statistics(
+        {"ok": _two_class_cams(), "one": one_class}, n_perm=0, seed=0, alpha=0.05, equal_var=True
+    )
+    assert set(maps) == {"ok"} and set(infos) == {"ok", "one"}  # Fig. 3 needs both classes
