@@ -7,20 +7,33 @@ model really separates the classes, then check that every planted mislabel is fl
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose, tiny_overrides
+from conftest import compose, tiny_overrides
+from qa_helpers import (
+    SIM_EASY,
+    make_study_dir,
+    predict_cfg,
+    read_rows,
+    run_cli,
+    save_scratch_checkpoint,
+    write_study,
+)
 
-from lung_cls.data.declared import (
+from lung_cls.errors import UserError
+from lung_cls.predict import (
+    check_review_band,
+    decide,
+    find_inputs,
+    resolve_checkpoints,
+    run,
+)
+from lung_cls.qa.declared import (
     AMBIGUOUS,
     PERFUSION,
     UNKNOWN,
@@ -30,114 +43,6 @@ from lung_cls.data.declared import (
     declared_from_texts,
     dicom_header_texts,
 )
-from lung_cls.predict import (
-    check_review_band,
-    decide,
-    find_inputs,
-    resolve_checkpoints,
-    run,
-)
-from lung_cls.utils.hydra import UserError
-
-SIM_EASY = {"difficulty": 0.0}
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------
-def save_scratch_checkpoint(
-    path: Path, *, size: int = 32, seed: int = 0, reference: bool = True, prep: dict | None = None
-) -> Path:
-    """A checkpoint in the training format (weights, hparams, run meta via the module's own
-    `on_save_checkpoint`), with untrained resnet18 weights."""
-    from lung_cls.models.classifier import LungClassifier
-
-    torch.manual_seed(seed)
-    model = LungClassifier(
-        backbone="resnet18", pretrained=False, optimizer=None, scheduler=None, channels_last=False
-    )
-    model.run_meta = {
-        "data": {"preprocess": prep if prep is not None else {"size": size}},
-        "model": {"backbone": "resnet18"},
-        "seed": seed,
-    }
-    if reference:
-        yy, xx = np.mgrid[:size, :size]
-        blob = 200 * np.exp(
-            -(((yy - size / 2) / (size / 4)) ** 2 + ((xx - size / 2) / (size / 5)) ** 2)
-        )
-        model.reference_image = torch.from_numpy(blob.astype(np.float32))
-    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "epoch": 0}
-    model.on_save_checkpoint(ckpt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
-
-
-def write_study(path: Path, image: np.ndarray, pid: str, desc: str, **kw) -> Path:
-    from lung_cls.data.dicomio import write_nm_dicom
-
-    return write_nm_dicom(
-        path, image.astype(np.uint16), patient_id=pid, series_description=desc, **kw
-    )
-
-
-def read_rows(output: Path) -> list[dict[str, str]]:
-    with open(output / "predictions.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def predict_cfg(*overrides: str):
-    return compose(list(overrides), config_name="predict")
-
-
-def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-
-
-# Planted study list: (class of the image, series description, protocol, radiopharmaceutical,
-# planted mismatch?). Perfusion images labelled as ventilation and vice versa are the mislabels.
-PLAN = [
-    (1, "LUNG VENT ANT", "LUNG VENTILATION", "Technegas", True),
-    (1, "LUNG VENT ANT", None, "Tc-99m DTPA", True),
-    (1, "LUNG PERFUSION ANT", "LUNG PERFUSION", "Tc-99m MAA", False),
-    (1, "Q ANT", None, None, False),
-    (1, "LUNG ANT", None, None, False),  # declared unknown
-    (0, "LUNG PERFUSION ANT", "LUNG PERFUSION", "Tc-99m MAA", True),
-    (0, "LUNG PERF ANT", None, None, True),
-    (0, "LUNG VENT ANT", None, "Kr-81m", False),
-    (0, "LUNG VENT + MAA ANT", None, None, False),  # declared ambiguous
-    (0, "XENON ANT", None, "Xe-133", False),
-]
-
-
-def make_study_dir(root: Path, sim: dict, seed: int = 777) -> dict[str, dict]:
-    """Phantom DICOM studies following PLAN, a truncated DICOM and a random-bytes .dcm."""
-    from lung_cls.data.phantom import simulate_cohort
-
-    n_perf = sum(1 for p in PLAN if p[0] == 1)
-    cases = simulate_cohort(sim, n_perf, len(PLAN) - n_perf, seed)
-    perf = [c for c in cases if c.label == 1]
-    vent = [c for c in cases if c.label == 0]
-    truth: dict[str, dict] = {}
-    for i, (label, desc, protocol, pharm, planted) in enumerate(PLAN):
-        case = (perf if label == 1 else vent).pop(0)
-        name = f"study{i:02d}.dcm"
-        write_study(
-            root / "day1" / name, case.image, f"P{i:02d}", desc,
-            protocol_name=protocol, radiopharmaceutical=pharm,
-        )  # fmt: skip
-        truth[name] = {"label": label, "planted": planted}
-    good = (root / "day1" / "study00.dcm").read_bytes()
-    (root / "day1" / "truncated.dcm").write_bytes(good[: len(good) // 2])
-    (root / "day1" / "random.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
-    (root / "day1" / "notes.txt").write_text("not an image")
-    return truth
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +110,7 @@ def test_keyword_map_is_configurable():
 
 
 def test_config_keyword_map_matches_module_defaults():
-    from lung_cls.data.declared import DEFAULT_IGNORE, DEFAULT_KEYWORDS, SERIES_FIELDS, STUDY_FIELDS
+    from lung_cls.qa.declared import DEFAULT_IGNORE, DEFAULT_KEYWORDS, SERIES_FIELDS, STUDY_FIELDS
 
     cfg = predict_cfg("input=x", "output=y")
     assert {k: tuple(v) for k, v in cfg.declared_keywords.items()} == DEFAULT_KEYWORDS

@@ -7,17 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_predict import run_cli, save_scratch_checkpoint
+from qa_helpers import run_cli, save_scratch_checkpoint
 
+from lung_cls.errors import ParityError, UserError
 from lung_cls.export import (
-    ParityError,
     check_parity,
     export_checkpoint,
     file_sha256,
     load_onnx_model,
 )
 from lung_cls.models.classifier import load_lung_net, predict_probs
-from lung_cls.utils.hydra import UserError
 
 pytest.importorskip("onnxruntime")
 
