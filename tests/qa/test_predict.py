@@ -1,8 +1,9 @@
 """Predict (the pre-archive QA check): declared classes, statuses, ensembles, bad input, CLI.
 
 Fast tests use scratch checkpoints (written through the classifier's own checkpoint hook). The
-`slow` ones train two small checkpoints on an easy phantom (``data.sim.difficulty=0``) so that the
-model really separates the classes, then check that every planted mislabel is flagged.
+`slow` ones train a small checkpoint on an easy phantom (``data.sim.difficulty=0``) and plant
+mislabels on test images that the training run itself classified confidently and correctly, then
+check that predict reproduces the run's probabilities and flags every planted mislabel.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import pytest
 import torch
 from conftest import compose, tiny_overrides
 from qa_helpers import (
+    CORRUPT,
     SIM_EASY,
     make_study_dir,
     predict_cfg,
     read_rows,
     run_cli,
     save_scratch_checkpoint,
+    write_plan,
     write_study,
 )
 
@@ -388,9 +391,11 @@ def test_cli_clear_errors(scratch, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Trained checkpoints: planted mislabels are caught (slow)
 # --------------------------------------------------------------------------------------------------
-# A model that really separates the classes, in about a minute on two slow cores: the easy phantom
-# at 64 px, no augmentation, and the checkpoint kept at the lowest validation loss (the best
-# validation accuracy on 16 images ties early, at an epoch whose probabilities still hug 0.5).
+# A small model in about a minute on two slow cores: the easy phantom at 64 px, no augmentation, and
+# the checkpoint kept at the lowest validation loss (the best validation accuracy on 16 images ties
+# early, at an epoch whose probabilities still hug 0.5). Such a model is right on most test images,
+# not on all (its own metrics.json shows 75-90 % test accuracy, depending on the torch build), so the
+# studies are written from test images that the run classified confidently and correctly.
 TRAIN_EXTRA = (
     "data.sim.difficulty=0",
     "data.preprocess.size=64",
@@ -404,6 +409,26 @@ TRAIN_EXTRA = (
     "callbacks.model_checkpoint.mode=min",
     "cams=false",
 )
+# A test image counts as confidently classified beyond the review band's edges (0.2, 0.8) by a
+# margin that numerical differences between the run's test loop and predict cannot cross.
+CONFIDENT = 0.1
+
+
+def confident_test_images(
+    run_dir: Path, data_cfg
+) -> dict[int, list[tuple[str, float, np.ndarray]]]:
+    """Per class, the run's test images that it classified correctly with P(perfusion) beyond
+    ``CONFIDENT`` of 0 or 1: (id, the run's P, raw pixels re-read from the same data config)."""
+    from lung_cls.data.sources import load_studies
+    from lung_cls.runs import read_predictions
+
+    test = read_predictions(run_dir, split="test")
+    studies = {s.id: s for s in load_studies(data_cfg)[0]}
+    out: dict[int, list[tuple[str, float, np.ndarray]]] = {0: [], 1: []}
+    for sid, label, p in zip(test["id"], test["label"], test["prob_perfusion"], strict=True):
+        if (label == 1 and p >= 1 - CONFIDENT) or (label == 0 and p <= CONFIDENT):
+            out[int(label)].append((sid, float(p), studies[sid].pixels))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -412,8 +437,18 @@ def trained(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("trained")
     run_dir = base / "seed0"
-    train(compose(tiny_overrides(run_dir, "seed=0", *TRAIN_EXTRA)))
-    truth = make_study_dir(base / "studies", SIM_EASY)
+    cfg = compose(tiny_overrides(run_dir, "seed=0", *TRAIN_EXTRA))
+    train(cfg)
+    confident = confident_test_images(run_dir / "run", cfg.data)
+    # Not a skip: a run that is confident on no test image of a class did not train at all.
+    assert confident[0] and confident[1], (
+        f"the tiny run is confident and right on {len(confident[1])} perfusion and "
+        f"{len(confident[0])} ventilation test images; it needs one of each "
+        f"(see {run_dir / 'run' / 'metrics.json'})"
+    )
+    truth = write_plan(base / "studies", {k: [c[2] for c in v] for k, v in confident.items()})
+    for t in truth.values():
+        t["id"], t["train_prob"], _ = confident[t["label"]][t["image"]]
     return {
         "ckpt": run_dir / "run" / "checkpoints" / "best.ckpt",
         "run_dir": run_dir / "run",
@@ -430,9 +465,20 @@ def test_every_planted_mismatch_is_flagged(trained, tmp_path):
     )
     assert code == 0
     rows = {Path(r["file"]).name: r for r in read_rows(out)}
+    assert set(rows) == set(trained["truth"]) | set(CORRUPT)
     data = json.loads((out / "predictions.json").read_text())
     assert data["models"][0]["path"] == str(trained["ckpt"])
     assert data["image_size"] == 64
+    # Predict pre-processes each study file on its own exactly as training did: it reproduces the
+    # probability the training run's test loop gave the same image (to float noise, for images
+    # centred by their lung centroids; the NMI fallback's target differs between the two).
+    for name, t in trained["truth"].items():
+        assert rows[name]["preprocessing"] in ("centroid", "nmi"), rows[name]
+        tol = 1e-5 if rows[name]["preprocessing"] == "centroid" else CONFIDENT / 2
+        assert float(rows[name]["prob_perfusion"]) == pytest.approx(t["train_prob"], abs=tol), (
+            name,
+            t,
+        )
     # The logic, on every study: a mismatch is exactly a confident prediction against a known
     # declared class.
     for name, r in rows.items():
@@ -443,7 +489,7 @@ def test_every_planted_mismatch_is_flagged(trained, tmp_path):
         pred = PERFUSION if p >= 0.5 else VENTILATION
         expect = confident and r["declared"] in (PERFUSION, VENTILATION) and r["declared"] != pred
         assert (r["status"] == "mismatch") == expect, (name, r)
-    # The model separates the classes, so every planted mislabel is caught ...
+    # Every planted mislabel is caught, with the image's true class ...
     planted = [n for n, t in trained["truth"].items() if t["planted"]]
     assert len(planted) == 4
     for name in planted:
