@@ -314,6 +314,30 @@ def test_refuses_to_overwrite_and_checks_members_agree(scratch, tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("batch_size=abc", "batch_size='abc': expected an integer"),
+        ("batch_size=0", "batch_size=0: expected an integer >= 1"),
+        ("batch_size=2.5", "batch_size=2.5: expected an integer"),
+        ("review_sd=-0.1", "review_sd=-0.1: expected a number >= 0.0"),
+        ("frame_index=first", "frame_index='first': expected an integer"),
+        ("+declared_keywords.perf=[x]", "declared_keywords: unknown class name"),
+    ],
+)
+def test_typed_config_mistakes_name_the_key(scratch, tmp_path, override, message):
+    from lung_cls.errors import ConfigError
+
+    cfg = predict_cfg(
+        f"ckpt={scratch['a']}", f"input={scratch['input']}", f"output={tmp_path}", override
+    )
+    with pytest.raises(UserError) as info:
+        run(cfg)
+    assert str(info.value).startswith(message)
+    assert isinstance(info.value, ConfigError) == ("declared_keywords" not in override)
+    assert not (tmp_path / "predictions.csv").exists()
+
+
 def test_overlays_written_per_study(scratch, tmp_path):
     one = scratch["input"] / "day1" / "study05.dcm"
     out = tmp_path / "out"
