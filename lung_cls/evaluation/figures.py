@@ -282,3 +282,65 @@ def fig_cam_grid(
         if titles is not None and k < len(titles):
             ax.set_title(str(titles[k]), fontsize=7)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- QA overlays
+# One PNG per checked study (`python -m lung_cls.predict overlays=true`): where the model looked.
+__all__ += ["overlay_title", "render_overlay"]
+
+_STATUS_COLOUR = {"ok": "#1a7f37", "review": "#b58100", "mismatch": "#c62828"}
+
+
+def overlay_title(
+    name: str,
+    predicted: str,
+    prob: float,
+    sd: float,
+    declared: str,
+    status: str,
+    *,
+    cam_class: str,
+    n_models: int,
+) -> str:
+    """The three title lines of a QA overlay: the study, the model's answer, the verdict."""
+    spread = f" ± {sd:.2f} (SD, {n_models} models)" if n_models > 1 else ""
+    return (
+        f"{name}\n"
+        f"predicted: {predicted}  P(perfusion) = {prob:.3f}{spread}\n"
+        f"declared: {declared}  ->  {str(status).upper()}   (CAM of {cam_class})"
+    )
+
+
+def render_overlay(
+    image: np.ndarray, cam: np.ndarray, title: str, path: str | Path, status: str = "ok"
+) -> Path:
+    """Grey image | the same with the CAM blended on top (jet, alpha by CAM strength) -> PNG.
+
+    Uses the Agg canvas directly (no pyplot state), so it is safe in any process; written under a
+    temporary name and renamed, so a reader never sees half a PNG.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grey = np.asarray(image, dtype=np.float32) / 255.0
+    heat = colormaps["jet"](np.clip(cam, 0.0, 1.0))
+    heat[..., 3] = 0.6 * np.clip(cam, 0.0, 1.0)  # weak CAM stays see-through
+    fig = Figure(figsize=(5.6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    axes[0].imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title("pre-processed", fontsize=8)
+    axes[1].imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[1].imshow(heat, interpolation="bilinear")
+    axes[1].set_title("Grad-CAM", fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=8, color=_STATUS_COLOUR.get(status, "black"))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.76, wspace=0.04)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path

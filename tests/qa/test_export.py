@@ -7,17 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_predict import run_cli, save_scratch_checkpoint
+from qa_helpers import run_cli, save_scratch_checkpoint
 
+from lung_cls.errors import ParityError, UserError
 from lung_cls.export import (
-    ParityError,
     check_parity,
     export_checkpoint,
     file_sha256,
     load_onnx_model,
 )
 from lung_cls.models.classifier import load_lung_net, predict_probs
-from lung_cls.utils.hydra import UserError
 
 pytest.importorskip("onnxruntime")
 
@@ -68,6 +67,14 @@ def test_parity_check_fails_loudly(exported):
         check_parity(net, exported["out"] / "model.onnx", 32)
 
 
+def test_failed_parity_leaves_nothing_behind(exported, tmp_path):
+    # atol=0: float noise alone (measured ~1e-7 on the logits) fails the check.
+    out = tmp_path / "out"
+    with pytest.raises(ParityError, match="export failed its parity check: .*differs from PyTorch"):
+        export_checkpoint(exported["ckpt"], out, atol=0.0)
+    assert list(out.iterdir()) == []  # no model, no sidecar, no reference, no temporary file
+
+
 def test_refuses_overwrite_and_detects_a_foreign_sidecar(exported, tmp_path):
     with pytest.raises(UserError, match="already exists"):
         export_checkpoint(exported["ckpt"], exported["out"])
@@ -100,3 +107,19 @@ def test_export_cli(exported, tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'none.ckpt'}: checkpoint not found"
     ]
+    # A failed parity check is not bad input: exit 1, one line, nothing exported.
+    res = run_cli(
+        "lung_cls.export", [f"ckpt={exported['ckpt']}", f"output={tmp_path / 'o3'}", "atol=0"],
+        tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: export failed its parity check: ")
+    assert not (tmp_path / "o3" / "model.onnx").exists()
+    # A typed mistake names its key.
+    res = run_cli(
+        "lung_cls.export", [f"ckpt={exported['ckpt']}", f"output={tmp_path / 'o4'}", "opset=new"],
+        tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: opset='new': expected an integer"]

@@ -1,0 +1,238 @@
+"""The model(s) behind a QA check: members that score images, and the ensemble that averages them.
+
+A member is anything with the small `Member` protocol: a torch checkpoint (`TorchMember`, which
+can also draw Grad-CAMs) or an exported ONNX model run by ONNX Runtime (`OnnxMember`, no torch
+model needed). The `Ensemble` knows nothing about either kind: it checks that the members
+pre-process alike, stacks their probabilities and averages their CAMs. A new runtime is a new
+member class, not a new branch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from lung_cls.errors import UserError
+from lung_cls.qa.checkpoints import (
+    checkpoint_info,
+    checkpoint_preprocessing,
+    load_checkpoint,
+    preprocessing_block,
+)
+from lung_cls.qa.onnx import INPUT_NAME, OUTPUT_NAMES, load_onnx_model
+
+log = logging.getLogger("lung_cls.predict")
+
+
+class Member(Protocol):
+    """One model of an ensemble, whatever runs it."""
+
+    backend: ClassVar[str]
+    """``torch`` or ``onnx``: recorded in predictions.json."""
+    can_cam: ClassVar[bool]
+    info: dict[str, Any]
+    """What predictions.json tells about the member: path, backbone, seed, epoch, ..."""
+    prep: dict[str, Any]
+    """The resolved pre-processing config of its training run."""
+    reference: np.ndarray | None
+    """Mean centred training image (S, S) 0..255 for the NMI fallback, or None."""
+
+    def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        """float32 (N, 1, S, S) in [0, 1] -> P(perfusion), float64 (N,)."""
+        ...
+
+    def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int) -> np.ndarray:
+        """uint8 (N, S, S) -> Grad-CAM of each image for its target class, float32 (N, S, S)."""
+        ...
+
+
+@dataclass
+class TorchMember:
+    """A training checkpoint, run by PyTorch."""
+
+    backend: ClassVar[str] = "torch"
+    can_cam: ClassVar[bool] = True
+    net: Any
+    info: dict[str, Any]
+    prep: dict[str, Any]
+    reference: np.ndarray | None
+    device: str = "cpu"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> TorchMember:
+        net, meta = load_checkpoint(path, device)
+        return cls(
+            net.to(device).eval(),
+            checkpoint_info(path, meta),
+            checkpoint_preprocessing(meta, path),
+            meta.get("reference_image"),
+            device,
+        )
+
+    def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        import torch
+
+        from lung_cls.models.classifier import predict_probs
+
+        xt = torch.from_numpy(x).to(self.device)
+        return predict_probs(self.net, xt, batch_size=batch_size).double().cpu().numpy()
+
+    def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int) -> np.ndarray:
+        import torch
+
+        from lung_cls.evaluation.cam import compute_gradcam, resolve_cam_layer
+
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)[:, None]
+        x = x.to(self.device)
+        return compute_gradcam(
+            self.net, x, targets, batch_size=batch_size, layer=resolve_cam_layer(self.net.net)
+        )
+
+
+@dataclass
+class OnnxMember:
+    """An export of `lung_cls.qa.onnx` (model.onnx + model.json), run by ONNX Runtime."""
+
+    backend: ClassVar[str] = "onnx"
+    can_cam: ClassVar[bool] = False
+    session: Any
+    info: dict[str, Any]
+    prep: dict[str, Any]
+    reference: np.ndarray | None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int | None = None) -> OnnxMember:
+        session, sidecar, reference = load_onnx_model(path, threads)
+        info = {
+            "path": str(path),
+            "backbone": sidecar.get("backbone"),
+            "name": sidecar.get("model_name"),
+            "seed": sidecar.get("seed"),
+            "epoch": sidecar.get("epoch"),
+            "checkpoint_sha256": (sidecar.get("checkpoint") or {}).get("sha256"),
+        }
+        return cls(session, info, preprocessing_block(sidecar.get("preprocess"), path), reference)
+
+    def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        probs = [
+            self.session.run([OUTPUT_NAMES[1]], {INPUT_NAME: x[s : s + batch_size]})[0]
+            for s in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(probs).astype(np.float64).reshape(-1)
+
+    def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int) -> np.ndarray:
+        raise RuntimeError("CAM needs the torch backend")
+
+
+# slots: an attribute set from outside (a misspelt or an old name) fails instead of being ignored.
+@dataclass(slots=True)
+class Ensemble:
+    """What a QA check needs from its model(s): one pre-processing, probabilities per member, CAMs.
+
+    Build it with `Ensemble.of` (or the ``load_*`` helpers), which checks that the members agree.
+    """
+
+    runners: list[Member]
+    """The member objects that score the images."""
+    prep: dict[str, Any]
+    """The resolved pre-processing config shared by all members."""
+    reference: np.ndarray | None = field(repr=False)
+    """Mean centred training image (S, S) 0..255 for the NMI fallback, or None."""
+
+    @classmethod
+    def of(cls, members: Sequence[Member]) -> Ensemble:
+        if not members:
+            raise UserError("no model to run")
+        paths = [str(m.info.get("path")) for m in members]
+        prep = _agree([m.prep for m in members], paths)
+        reference = _mean_reference([m.reference for m in members], int(prep["size"]), paths)
+        return cls(list(members), prep, reference)
+
+    @property
+    def members(self) -> list[dict[str, Any]]:
+        """Per member: path, backbone, name, seed, epoch, (checkpoint_sha256) - the ``models`` of
+        predictions.json. (Dicts, as before the move to lung_cls.qa; the objects are `runners`.)"""
+        return [m.info for m in self.runners]
+
+    @property
+    def backend(self) -> str:
+        return "+".join(sorted({m.backend for m in self.runners}))
+
+    @property
+    def size(self) -> int:
+        return int(self.prep["size"])
+
+    @property
+    def can_cam(self) -> bool:
+        return all(m.can_cam for m in self.runners)
+
+    def member_probs(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """uint8 (N, S, S) pre-processed images -> P(perfusion) per member, float64 (M, N)."""
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
+        return np.stack([m.probs(x, batch_size) for m in self.runners])
+
+    def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int = 16) -> np.ndarray:
+        """Grad-CAM of each image for its target class, averaged over the members: (N, S, S)."""
+        if not self.can_cam:
+            raise RuntimeError("CAM needs the torch backend")
+        total = np.zeros(images.shape, dtype=np.float32)
+        for m in self.runners:
+            total += m.cams(images, targets, batch_size)
+        return total / len(self.runners)
+
+
+def _agree(preps: list[dict[str, Any]], paths: list[str]) -> dict[str, Any]:
+    """All members must pre-process identically: else their probabilities are not comparable."""
+    first = preps[0]
+    for prep, path in zip(preps[1:], paths[1:], strict=True):
+        diff = sorted(k for k in set(first) | set(prep) if first.get(k) != prep.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {first.get(k)!r} vs {prep.get(k)!r}" for k in diff[:4])
+            raise UserError(
+                f"{path}: pre-processing differs from {paths[0]} ({shown}); an ensemble needs "
+                "members trained with the same data.preprocess"
+            )
+    return first
+
+
+def _mean_reference(
+    refs: list[np.ndarray | None], size: int, paths: list[str]
+) -> np.ndarray | None:
+    usable = [np.asarray(r, np.float32) for r in refs if r is not None]
+    usable = [r for r in usable if r.shape == (size, size)]
+    if not usable:
+        log.warning("No reference image in the model(s): the NMI fallback is unavailable")
+        return None
+    if len(usable) > 1 and max(float(np.abs(r - usable[0]).max()) for r in usable) > 1.0:
+        log.warning("Reference images of the members differ; using their mean (%s ...)", paths[0])
+    return np.mean(usable, axis=0).astype(np.float32)
+
+
+def load_torch_ensemble(paths: Sequence[str | os.PathLike], device: str = "cpu") -> Ensemble:
+    """Load checkpoints (eval mode) and check that they share one pre-processing config."""
+    return Ensemble.of([TorchMember.load(p, device) for p in paths])
+
+
+def load_onnx_ensemble(
+    paths: Sequence[str | os.PathLike], threads: int | None = None, device: str = "cpu"
+) -> Ensemble:
+    """Load exported models with their ``model.json`` sidecars (and ``reference.npy``).
+
+    ``threads``: ONNX Runtime intra-op threads (None: its default). ``device`` is taken for the
+    same signature as `load_torch_ensemble`; ONNX Runtime runs on the CPU here.
+    """
+    if device != "cpu":
+        log.warning("device=%s: the ONNX backend runs on the CPU", device)
+    return Ensemble.of([OnnxMember.load(p, threads) for p in paths])
+
+
+LOADERS: dict[str, Callable[..., Ensemble]] = {
+    TorchMember.backend: load_torch_ensemble,
+    OnnxMember.backend: load_onnx_ensemble,
+}
+"""Backend name (``backend=`` of the predict config) -> the loader of its ensemble."""
