@@ -78,7 +78,6 @@ def test_errors_are_defined_once_and_reexported_where_they_used_to_live():
     assert lung_cls.models.backbone.WeightsNotFoundError is WeightsNotFoundError
     assert lung_cls.models.WeightsNotFoundError is WeightsNotFoundError
     assert lung_cls.utils.hydra.UserError is UserError
-    assert lung_cls.utils.hydra.clean_errors is task_wrapper  # the old name, until report/qa move
 
 
 def test_hierarchy_keeps_the_builtin_types_callers_catch():

@@ -13,12 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-# Re-exported for the modules that still import them from here (predict, export); new code
-# imports them from lung_cls.errors.
-from lung_cls.errors import UserError, task_wrapper
-
-#: The old name of :func:`lung_cls.errors.task_wrapper` (predict and export still use it).
-clean_errors = task_wrapper
+# Re-exported for code written against the old place; new code imports it from lung_cls.errors.
+from lung_cls.errors import UserError
 
 
 @functools.cache
@@ -117,7 +113,6 @@ register_resolvers()
 
 __all__ = [
     "UserError",
-    "clean_errors",
     "cpu_bf16_supported",
     "quote_path_overrides",
     "register_resolvers",
