@@ -172,14 +172,10 @@ def main() -> None:
 
         backends = {
             "pytorch": load_torch_ensemble([ckpt]),
-            "onnxruntime": load_onnx_ensemble([tmp / "onnx" / "model.onnx"]),
+            "onnxruntime": load_onnx_ensemble(
+                [tmp / "onnx" / "model.onnx"], threads=args.threads or None
+            ),
         }
-        if args.threads:
-            from lung_cls.export import onnx_session
-
-            backends["onnxruntime"]._runners = [
-                onnx_session(tmp / "onnx" / "model.onnx", args.threads)
-            ]
         ref = backends["pytorch"]
         from lung_cls.data.sources import read_image
         from lung_cls.predict import preprocess_study
