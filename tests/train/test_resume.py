@@ -17,25 +17,13 @@ import lightning as L
 import pytest
 import torch
 from conftest import ROOT, compose
+from resume_slow import KILL_AFTER_EPOCH
 
 from lung_cls.errors import UserError
 from lung_cls.training import resolve_ckpt_path, run
 
 TESTS = Path(__file__).resolve().parent
 MAX_EPOCHS = 4
-KILL_AFTER_EPOCH = 1  # the last.ckpt of this epoch exists when the run is killed
-
-
-class SlowAfterEpoch(L.Callback):
-    """Sleeps at the start of the later epochs, so a test can kill the run between epochs
-    reliably on a loaded machine. Changes nothing in the numbers (no randomness, no state)."""
-
-    def __init__(self, from_epoch: int = KILL_AFTER_EPOCH + 1, seconds: float = 300.0) -> None:
-        self.from_epoch, self.seconds = from_epoch, seconds
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch >= self.from_epoch:
-            time.sleep(self.seconds)
 
 
 EPOCHS_TRAINED: list[int] = []
@@ -66,12 +54,14 @@ def _ckpt_epoch(path: Path) -> int | None:
 
 def _start_and_kill(tmp_path: Path, name: str, result: dict) -> None:
     """Start a CLI run, SIGKILL it once last.ckpt of epoch >= KILL_AFTER_EPOCH exists."""
+    # The subprocess imports the callback from this folder; it is its own module because this
+    # test module imports conftest, which is not on the subprocess's path.
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
     cmd = [sys.executable, "-m", "lung_cls.train", *_overrides(tmp_path, name),
-           "+callbacks.slow._target_=test_resume.SlowAfterEpoch"]  # fmt: skip
+           "+callbacks.slow._target_=resume_slow.SlowAfterEpoch"]  # fmt: skip
     log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     last = tmp_path / name / "checkpoints" / "last.ckpt"
