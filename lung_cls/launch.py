@@ -7,7 +7,9 @@ joblib or SLURM sweep, or as rank 0 of a DDP group. Three things do, and they li
   composes the config, whose own message would not say what to install);
 - Lightning's DDP starts ranks 1..N-1 by re-running rank 0's command line, which a sweep job does
   not have: such a job runs as a single-run subprocess of itself;
-- settings that cannot work on this machine (SyncBatchNorm on CPU) are turned off with a warning.
+- settings that cannot work on this machine (SyncBatchNorm on CPU) are turned off with a warning;
+- on SLURM (and submitit's local executor), a job that the scheduler kills leaves no result: the
+  launchers here record it as failed in its run dir, so the sweep still ends with its report.
 
 See docs/cluster.md for the launchers and what stays identical under DDP.
 """
@@ -16,16 +18,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lung_cls.errors import UserError
-from lung_cls.runs import Status, read_metrics
+from lung_cls.runs import Status, is_complete, read_metrics, run_status, write_metrics
 
 log = logging.getLogger("lung_cls.train")
 
@@ -203,12 +209,316 @@ def adapt_trainer_cfg(cfg: DictConfig) -> None:
             cfg.trainer.sync_batchnorm = False
 
 
+# --------------------------------------------------------------------------- SLURM resources
+def _on_gpu(accelerator: Any) -> bool:
+    """Whether ``trainer.accelerator`` runs on GPUs; "auto" counts (a GPU cluster's usual case),
+    "cpu" does not."""
+    return str(accelerator).lower() not in ("cpu",)
+
+
+def slurm_gpus(accelerator: Any, devices: Any) -> int | None:
+    """GPUs per node for a SLURM job: ``trainer.devices`` on GPUs, none (no --gpus at all) on CPU.
+
+    Why: a cluster without GPUs refuses any GPU request ("Invalid generic resource"), and
+    ``trainer=cpu`` still says ``devices: 1``. Where the count is left to the machine ("auto"), one.
+    """
+    if not _on_gpu(accelerator):
+        return None
+    n = device_count(devices)
+    return 1 if n is None or n == 0 else n
+
+
+def slurm_tasks(devices: Any) -> int:
+    """Tasks per node: one per device (Lightning's SLURM DDP), at least one."""
+    return device_count(devices) or 1
+
+
+def slurm_cpus(accelerator: Any, per_gpu_job: Any) -> int | None:
+    """CPUs per task: ``per_gpu_job`` for a GPU job, the cluster's default (None) for a CPU job,
+    whose node may have fewer cores than a GPU node."""
+    return int(per_gpu_job) if _on_gpu(accelerator) else None
+
+
+def register_resolvers() -> None:
+    """The resolvers ``conf/hydra/launcher/slurm.yaml`` uses (registered when this module loads)."""
+    for name, fn in (
+        ("lung_cls.slurm_gpus", slurm_gpus),
+        ("lung_cls.slurm_tasks", slurm_tasks),
+        ("lung_cls.slurm_cpus", slurm_cpus),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+
+# --------------------------------------------------------------------------- submitit launchers
+#: SLURM states of a job that is not over yet (sacct/squeue); any other state means it ended.
+_SLURM_NOT_OVER = {
+    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+    "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED",
+}  # fmt: skip
+
+
+def _slurm_queue_state(job_id: str) -> str | None:
+    """The job's state as slurmctld holds it (``squeue -t all``), None when it no longer knows it.
+
+    Why: without accounting sacct knows no job, but slurmctld keeps an ended one for MinJobAge."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    states = [line.strip() for line in out.splitlines() if line.strip()]
+    return states[0] if states else None
+
+
+class _RecordingLauncher:
+    """What both submitit launchers add: every job's result is collected on its own.
+
+    Hydra's submitit launcher waits for the jobs one after the other and raises at the first one
+    without a result, so one job that the scheduler killed loses the report, and (without SLURM
+    accounting) may be waited for forever. Here a job without a result is recorded as failed in
+    its run dir, with the scheduler's reason; the others are kept; the sweep ends as one with a
+    failed job does: report, then exit 1. With ``skip_completed=true`` a job whose run dir is
+    complete is not submitted at all.
+    """
+
+    _EXECUTOR = "abstract"
+
+    def __init__(self, poll_s: float = 10.0, unknown_wait_s: float = 120.0, **params: Any) -> None:
+        self.poll_s = float(poll_s)
+        self.unknown_wait_s = float(unknown_wait_s)
+        super().__init__(**params)  # type: ignore[call-arg]
+
+    # ----------------------------------------------------------------- submit
+    def _executor(self) -> Any:
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        params = dict(self.params)  # type: ignore[attr-defined]
+        folder = params.pop("submitit_folder")
+        init = {}
+        if "max_num_timeout" in params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(folder=folder, cluster=self._EXECUTOR, **init)
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{(k if k in shared else f"{self._EXECUTOR}_{k}"): v for k, v in params.items()}
+        )
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import filter_overrides
+
+        config = self.config  # type: ignore[attr-defined]
+        assert config is not None and len(job_overrides) > 0
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
+        log.info("Submitit '%s' sweep output dir: %s", self._EXECUTOR, sweep_dir)
+
+        results: list[Any] = [None] * len(job_overrides)
+        jobs: dict[int, Any] = {}
+        to_submit: list[tuple[int, tuple]] = []
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            done = self._skipped(list(overrides))
+            if done is not None:
+                results[i] = done
+                continue
+            args = (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}")
+            to_submit.append((i, (*args, Singleton.get_state())))
+        if to_submit:
+            submitted = self._executor().map_array(
+                self, *zip(*(a for _, a in to_submit), strict=True)
+            )
+            jobs = {i: job for (i, _), job in zip(to_submit, submitted, strict=True)}
+            for i, job in jobs.items():
+                log.info("\t#%d : job %s", initial_job_idx + i, job.job_id)
+        self._collect(jobs, job_overrides, results)
+        return results
+
+    # ----------------------------------------------------------------- per job
+    def _sweep_config(self, overrides: list[str]) -> DictConfig:
+        return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _run_dir(sweep_config: DictConfig) -> Path:
+        """The job's run dir, as Hydra's run_job will name it (sweep dir / subdir)."""
+        hydra_cfg = sweep_config.hydra
+        return Path(str(hydra_cfg.sweep.dir)) / str(hydra_cfg.sweep.subdir)
+
+    def _job_return(self, sweep_config: DictConfig, overrides: list[str], run_dir: Path,
+                    value: Any) -> Any:  # fmt: skip
+        from hydra.core.utils import JobReturn, JobStatus
+
+        return JobReturn(
+            overrides=overrides, cfg=sweep_config, hydra_cfg=None, working_dir=str(run_dir),
+            task_name=str(sweep_config.hydra.job.name), status=JobStatus.COMPLETED,
+            _return_value=value,
+        )  # fmt: skip
+
+    def _skipped(self, overrides: list[str]) -> Any | None:
+        """A finished job's result without submitting it again (``skip_completed=true``)."""
+        if not self.config.get("skip_completed"):  # type: ignore[attr-defined]
+            return None  # (given on the command line, not swept: the main config has it)
+        sweep_config = self._sweep_config(overrides)
+        if not sweep_config.get("skip_completed") or sweep_config.get("overwrite"):
+            return None
+        run_dir = self._run_dir(sweep_config)
+        if not is_complete(run_dir):
+            return None
+        log.info("Skipping %s: already complete (not submitted)", run_dir)
+        metric = (read_metrics(run_dir) or {}).get(sweep_config.get("optimized_metric", ""))
+        return self._job_return(sweep_config, overrides, run_dir, metric)
+
+    def _ended(self, job: Any, first_unknown: dict[str, float]) -> str | None:
+        """The scheduler's state for a job that ended without a result; None while it runs."""
+        return job.state if job.done() else None
+
+    def _refresh(self, jobs: Sequence[Any]) -> None:
+        """Bring the jobs' states up to date (one scheduler query per poll)."""
+
+    def _collect(self, jobs: dict[int, Any], job_overrides: Sequence[Sequence[str]],
+                 results: list[Any]) -> None:  # fmt: skip
+        """Wait for every job; record each one that ended without a result as failed."""
+        pending = dict(jobs)
+        first_unknown: dict[str, float] = {}
+        while pending:
+            self._refresh(list(pending.values()))
+            for i, job in list(pending.items()):
+                if job.paths.result_pickle.exists():
+                    state = "has a result"
+                else:
+                    state = self._ended(job, first_unknown)
+                    if state is None:
+                        continue
+                del pending[i]
+                results[i] = self._result_or_failure(job, list(job_overrides[i]), state)
+            if pending:
+                time.sleep(self.poll_s)
+
+    def _result_or_failure(self, job: Any, overrides: list[str], state: str) -> Any:
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        try:
+            return job.results()[0]
+        except (UncompletedJobError, FailedJobError) as err:
+            if isinstance(err, UncompletedJobError):
+                why = f"{self._EXECUTOR} job {job.job_id} ended without a result (state: {state})"
+            else:
+                why = f"{self._EXECUTOR} job {job.job_id} failed outside the training: {err}"
+        sweep_config = self._sweep_config(overrides)
+        run_dir = self._run_dir(sweep_config)
+        record_lost_job(run_dir, sweep_config, why, job)
+        return self._job_return(sweep_config, overrides, run_dir, math.nan)
+
+
+def record_lost_job(run_dir: Path, cfg: DictConfig, why: str, job: Any = None) -> None:
+    """Write ``status: failed`` with ``why`` into the run dir of a job that left no result.
+
+    A complete run dir is kept (the job was killed after it had written its result)."""
+    if run_status(run_dir) == Status.OK:
+        log.warning("%s, but %s is complete: kept", why, run_dir)
+        return
+    logs = {}
+    if job is not None:
+        logs = {"stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(
+        run_dir,
+        {
+            "status": str(Status.FAILED),
+            "error": why,
+            "model": str(OmegaConf.select(cfg, "model.name", default=None)),
+            "backbone": str(OmegaConf.select(cfg, "model.backbone", default=None)),
+            "seed": OmegaConf.select(cfg, "seed", default=None),
+            "job_id": None if job is None else str(job.job_id),
+            **logs,
+        },
+    )
+    log.error("%s; recorded as failed in %s (job logs: %s)", why, run_dir, logs.get("stderr"))
+
+
+try:  # the submitit plugin is optional ([slurm]); without it these launchers do not exist
+    from hydra.core.config_store import ConfigStore
+    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
+        LocalLauncher as _SubmititLocal,
+    )
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
+        SlurmLauncher as _SubmititSlurm,
+    )
+except ImportError:  # pragma: no cover - tested by missing_launcher_plugin
+    pass
+else:
+
+    class LocalLauncher(_RecordingLauncher, _SubmititLocal):
+        """submitit's local executor (``hydra/launcher=local``), failures recorded per job."""
+
+        _EXECUTOR = "local"
+
+    class SlurmLauncher(_RecordingLauncher, _SubmititSlurm):
+        """SLURM (``hydra/launcher=slurm``), a job SLURM killed recorded with SLURM's reason."""
+
+        _EXECUTOR = "slurm"
+
+        def _refresh(self, jobs: Sequence[Any]) -> None:
+            if jobs:  # one sacct call for all the jobs, every poll (submitit's own backs off)
+                jobs[0].watcher.update()
+
+        def _ended(self, job: Any, first_unknown: dict[str, float]) -> str | None:
+            state = job.watcher.get_state(job.job_id, mode="cache")
+            if state == "UNKNOWN":  # sacct does not know it: no accounting, or not yet
+                state = _slurm_queue_state(job.job_id) or "UNKNOWN"
+            if state.split()[0] in _SLURM_NOT_OVER:
+                first_unknown.pop(job.job_id, None)
+                return None
+            if state != "UNKNOWN":
+                return state
+            since = first_unknown.setdefault(job.job_id, time.monotonic())
+            if time.monotonic() - since < self.unknown_wait_s:
+                return None
+            return (
+                f"UNKNOWN: neither sacct nor squeue knew it for {self.unknown_wait_s:.0f} s "
+                "(no SLURM accounting? see docs/cluster.md)"
+            )
+
+    @dataclass
+    class RecordingSlurmConf(SlurmQueueConf):
+        _target_: str = "lung_cls.launch.SlurmLauncher"
+        poll_s: float = 10.0
+        unknown_wait_s: float = 120.0
+
+    @dataclass
+    class RecordingLocalConf(LocalQueueConf):
+        _target_: str = "lung_cls.launch.LocalLauncher"
+        poll_s: float = 1.0
+        unknown_wait_s: float = 120.0
+
+    ConfigStore.instance().store(
+        group="hydra/launcher", name="lung_cls_slurm", node=RecordingSlurmConf, provider="lung_cls"
+    )
+    ConfigStore.instance().store(
+        group="hydra/launcher", name="lung_cls_local", node=RecordingLocalConf, provider="lung_cls"
+    )
+
+
 __all__ = [
     "adapt_trainer_cfg",
     "ddp_relaunches_script",
     "device_count",
     "is_multirun",
     "missing_launcher_plugin",
+    "record_lost_job",
+    "register_resolvers",
     "require_launcher_plugin",
     "runs_on_cpu",
     "train_in_subprocess",

@@ -40,68 +40,7 @@ def _compose_with_hydra(overrides: list[str]):
 
 
 # ---------------------------------------------------------------------------------- launchers
-def test_slurm_launcher_overrides_reach_sbatch(tmp_path, monkeypatch):
-    """partition/account/resources land in the launcher and in the sbatch script it would submit."""
-    import hydra
-    import submitit
-    from hydra.core.hydra_config import HydraConfig
-
-    cfg = _compose_with_hydra(
-        [
-            "hydra/launcher=slurm",
-            "hydra.launcher.partition=gpu",
-            "hydra.launcher.account=myproj",
-            "hydra.launcher.timeout_min=90",
-            "trainer=ddp",
-            "trainer.devices=4",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ]
-    )
-    launcher_cfg = cfg.hydra.launcher
-    assert launcher_cfg.partition == "gpu" and launcher_cfg.account == "myproj"
-    # One task and one GPU per device: follows trainer.devices.
-    assert launcher_cfg.gpus_per_node == 4 and launcher_cfg.tasks_per_node == 4
-    assert launcher_cfg.nodes == 1
-    assert launcher_cfg.cpus_per_task == 8 and launcher_cfg.mem_gb == 32
-    assert launcher_cfg.timeout_min == 90
-    # Run dirs are named as in local sweeps; submitit keeps to .submitit/ below the sweep dir.
-    sweep_cfg = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
-    assert sweep_cfg["subdir"] == "${lung_cls.sweep_subdir:${hydra.overrides.task}}"
-    assert str(launcher_cfg.submitit_folder).startswith(str(tmp_path / "sweep" / ".submitit"))
-
-    # The plugin's own launch(), up to the point where it would call sbatch.
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (fake_bin / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-    seen: dict = {}
-
-    class Recorder(submitit.AutoExecutor):
-        def map_array(self, fn, *iterables):
-            seen["sbatch"] = self._executor._make_submission_file_text("CMD", "uid")
-            seen["n_jobs"] = len(iterables[0])
-            return []
-
-    monkeypatch.setattr(submitit, "AutoExecutor", Recorder)
-    HydraConfig.instance().set_config(cfg)
-    launcher = hydra.utils.instantiate(cfg.hydra.launcher)
-    launcher.config = cfg
-    launcher.launch([["model=resnet18", "seed=0"], ["model=resnet18", "seed=1"]], 0)
-    sbatch = seen["sbatch"]
-    assert seen["n_jobs"] == 2
-    for line in (
-        "#SBATCH --partition=gpu",
-        "#SBATCH --account=myproj",
-        "#SBATCH --gpus-per-node=4",
-        "#SBATCH --ntasks-per-node=4",
-        "#SBATCH --cpus-per-task=8",
-        "#SBATCH --mem=32GB",
-        "#SBATCH --time=90",
-    ):
-        assert line in sbatch, f"{line!r} missing from:\n{sbatch}"
-
-
+# The sbatch script itself (resources per trainer): tests/cluster/test_slurm_config.py.
 def test_slurm_defaults_fit_one_gpu_job(tmp_path):
     cfg = _compose_with_hydra(["hydra/launcher=slurm", "trainer=gpu"])
     launcher_cfg = cfg.hydra.launcher
