@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,13 +254,13 @@ register_resolvers()
 
 # --------------------------------------------------------------------------- submitit launchers
 #: SLURM states of a job that is not over yet (sacct/squeue); any other state means it ended.
-_SLURM_NOT_OVER = {
+SLURM_NOT_OVER = {
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
     "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED",
 }  # fmt: skip
 
 
-def _slurm_queue_state(job_id: str) -> str | None:
+def slurm_queue_state(job_id: str) -> str | None:
     """The job's state as slurmctld holds it (``squeue -t all``), None when it no longer knows it.
 
     Why: without accounting sacct knows no job, but slurmctld keeps an ended one for MinJobAge."""
@@ -276,7 +275,7 @@ def _slurm_queue_state(job_id: str) -> str | None:
     return states[0] if states else None
 
 
-class _RecordingLauncher:
+class RecordingLauncher:
     """What both submitit launchers add: every job's result is collected on its own.
 
     Hydra's submitit launcher waits for the jobs one after the other and raises at the first one
@@ -447,75 +446,12 @@ def record_lost_job(run_dir: Path, cfg: DictConfig, why: str, job: Any = None) -
     log.error("%s; recorded as failed in %s (job logs: %s)", why, run_dir, logs.get("stderr"))
 
 
-try:  # the submitit plugin is optional ([slurm]); without it these launchers do not exist
-    from hydra.core.config_store import ConfigStore
-    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
-        LocalLauncher as _SubmititLocal,
-    )
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
-        SlurmLauncher as _SubmititSlurm,
-    )
-except ImportError:  # pragma: no cover - tested by missing_launcher_plugin
-    pass
-else:
-
-    class LocalLauncher(_RecordingLauncher, _SubmititLocal):
-        """submitit's local executor (``hydra/launcher=local``), failures recorded per job."""
-
-        _EXECUTOR = "local"
-
-    class SlurmLauncher(_RecordingLauncher, _SubmititSlurm):
-        """SLURM (``hydra/launcher=slurm``), a job SLURM killed recorded with SLURM's reason."""
-
-        _EXECUTOR = "slurm"
-
-        def _refresh(self, jobs: Sequence[Any]) -> None:
-            if jobs:  # one sacct call for all the jobs, every poll (submitit's own backs off)
-                jobs[0].watcher.update()
-
-        def _ended(self, job: Any, first_unknown: dict[str, float]) -> str | None:
-            state = job.watcher.get_state(job.job_id, mode="cache")
-            if state == "UNKNOWN":  # sacct does not know it: no accounting, or not yet
-                state = _slurm_queue_state(job.job_id) or "UNKNOWN"
-            if state.split()[0] in _SLURM_NOT_OVER:
-                first_unknown.pop(job.job_id, None)
-                return None
-            if state != "UNKNOWN":
-                return state
-            since = first_unknown.setdefault(job.job_id, time.monotonic())
-            if time.monotonic() - since < self.unknown_wait_s:
-                return None
-            return (
-                f"UNKNOWN: neither sacct nor squeue knew it for {self.unknown_wait_s:.0f} s "
-                "(no SLURM accounting? see docs/cluster.md)"
-            )
-
-    @dataclass
-    class RecordingSlurmConf(SlurmQueueConf):
-        _target_: str = "lung_cls.launch.SlurmLauncher"
-        poll_s: float = 10.0
-        unknown_wait_s: float = 120.0
-
-    @dataclass
-    class RecordingLocalConf(LocalQueueConf):
-        _target_: str = "lung_cls.launch.LocalLauncher"
-        poll_s: float = 1.0
-        unknown_wait_s: float = 120.0
-
-    ConfigStore.instance().store(
-        group="hydra/launcher", name="lung_cls_slurm", node=RecordingSlurmConf, provider="lung_cls"
-    )
-    ConfigStore.instance().store(
-        group="hydra/launcher", name="lung_cls_local", node=RecordingLocalConf, provider="lung_cls"
-    )
-
-
 __all__ = [
     "adapt_trainer_cfg",
     "ddp_relaunches_script",
     "device_count",
     "is_multirun",
+    "RecordingLauncher",
     "missing_launcher_plugin",
     "record_lost_job",
     "register_resolvers",

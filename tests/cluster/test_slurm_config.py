@@ -64,8 +64,8 @@ def sbatch_options(script: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     "launcher, target",
     [
-        ("slurm", "lung_cls.launch.SlurmLauncher"),
-        ("local", "lung_cls.launch.LocalLauncher"),
+        ("slurm", "hydra_plugins.lung_cls_launcher.SlurmLauncher"),
+        ("local", "hydra_plugins.lung_cls_launcher.LocalLauncher"),
         ("parallel", "JoblibLauncher"),
     ],
 )
