@@ -8,6 +8,7 @@ what a one-node CPU cluster cannot run: GPU and multi-task (DDP) jobs, and an ac
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,74 @@ def test_run_dirs_and_submitit_folder(tmp_path):
 )  # fmt: skip
 def test_slurm_gpus_follow_the_trainer(accelerator, devices, gpus):
     assert lung_cls.launch.slurm_gpus(accelerator, devices) == gpus
+
+
+# ------------------------------------------------------------------- a job that left no result
+class _Watcher:
+    def __init__(self, state):
+        self.state = state
+
+    def get_state(self, job_id, mode="standard"):
+        return self.state
+
+
+class _Job:
+    def __init__(self, state):
+        self.job_id = "42_1"
+        self.watcher = _Watcher(state)
+
+
+def _slurm_launcher(unknown_wait_s: float):
+    import hydra_plugins.lung_cls_launcher as plugin
+
+    launcher = plugin.SlurmLauncher.__new__(plugin.SlurmLauncher)
+    launcher.unknown_wait_s = unknown_wait_s
+    return launcher
+
+
+def test_sacct_state_names_the_end(monkeypatch):
+    import hydra_plugins.lung_cls_launcher as plugin
+
+    monkeypatch.setattr(plugin, "slurm_queue_state", lambda job_id: pytest.fail("no squeue"))
+    launcher, clock = _slurm_launcher(60), {}
+    for running in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"):
+        assert launcher._ended(_Job(running), clock) is None
+    for ended in ("CANCELLED by 0", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "FAILED"):
+        assert launcher._ended(_Job(ended), clock) == ended
+
+
+def test_without_accounting_squeue_answers_then_the_wait_is_bounded(monkeypatch):
+    """sacct knows no job (no accounting): squeue's state while slurmctld holds the job, then at
+    most unknown_wait_s of UNKNOWN before it counts as ended - never a wait forever."""
+    import hydra_plugins.lung_cls_launcher as plugin
+
+    queue = {"state": "RUNNING"}
+    monkeypatch.setattr(plugin, "slurm_queue_state", lambda job_id: queue["state"])
+    launcher, clock, job = _slurm_launcher(0.3), {}, _Job("UNKNOWN")
+    assert launcher._ended(job, clock) is None  # squeue: still running
+    queue["state"] = "CANCELLED"
+    assert launcher._ended(job, clock) == "CANCELLED"
+    queue["state"] = None  # slurmctld forgot it too (MinJobAge)
+    assert launcher._ended(job, clock) is None  # the clock starts
+    time.sleep(0.4)
+    why = launcher._ended(job, clock)
+    assert why is not None and why.startswith("UNKNOWN") and "accounting" in why
+    queue["state"] = "RUNNING"  # a job squeue sees again resets the clock
+    clock.clear()
+    assert launcher._ended(job, clock) is None and not clock
+
+
+def test_lost_job_is_recorded_and_a_complete_run_kept(tmp_path):
+    from lung_cls.launch import record_lost_job
+    from lung_cls.runs import read_metrics, write_metrics
+
+    cfg = OmegaConf.create({"model": {"name": "resnet18", "backbone": "rn18"}, "seed": 3})
+    never_started = tmp_path / "model=resnet18,seed=3"  # cancelled while pending: no run dir
+    record_lost_job(never_started, cfg, "slurm job 7_3 ended without a result (state: TIMEOUT)")
+    metrics = read_metrics(never_started)
+    assert metrics["status"] == "failed" and "TIMEOUT" in metrics["error"]
+    assert metrics["model"] == "resnet18" and metrics["seed"] == 3
+    done = tmp_path / "done"
+    write_metrics(done, {"status": "ok", "model": "resnet18"})
+    record_lost_job(done, cfg, "killed while exiting")
+    assert read_metrics(done) == {"status": "ok", "model": "resnet18"}
