@@ -404,15 +404,26 @@ class RecordingLauncher:
             if pending:
                 time.sleep(self.poll_s)
 
+    #: Seconds a job that ended is given for its result file to appear (slow shared filesystems).
+    result_grace_s = 15.0
+
     def _result_or_failure(self, job: Any, overrides: list[str], state: str) -> Any:
+        """The job's JobReturn; a job without one is recorded as failed and returns NaN.
+
+        submitit's own ``job.results()`` is called only once the result file is there: without
+        SLURM accounting it waits for a job without one forever (its state stays UNKNOWN)."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
-        try:
-            return job.results()[0]
-        except (UncompletedJobError, FailedJobError) as err:
-            if isinstance(err, UncompletedJobError):
-                why = f"{self._EXECUTOR} job {job.job_id} ended without a result (state: {state})"
-            else:
+        end = time.monotonic() + self.result_grace_s
+        while not job.paths.result_pickle.exists() and time.monotonic() < end:
+            time.sleep(1.0)
+        why = f"{self._EXECUTOR} job {job.job_id} ended without a result (state: {state})"
+        if job.paths.result_pickle.exists():
+            try:
+                return job.results()[0]
+            except UncompletedJobError:
+                pass
+            except FailedJobError as err:  # raised outside the training (which records its own)
                 why = f"{self._EXECUTOR} job {job.job_id} failed outside the training: {err}"
         sweep_config = self._sweep_config(overrides)
         run_dir = self._run_dir(sweep_config)

@@ -7,6 +7,7 @@ what a one-node CPU cluster cannot run: GPU and multi-task (DDP) jobs, and an ac
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -227,3 +228,29 @@ def test_lost_job_is_recorded_and_a_complete_run_kept(tmp_path):
     write_metrics(done, {"status": "ok", "model": "resnet18"})
     record_lost_job(done, cfg, "killed while exiting")
     assert read_metrics(done) == {"status": "ok", "model": "resnet18"}
+
+
+def test_job_without_result_is_recorded_without_asking_submitit(tmp_path):
+    """Without accounting, submitit's own job.results() waits for a job without a result forever
+    (its state stays UNKNOWN): the launcher records such a job without calling it."""
+    from types import SimpleNamespace
+
+    launcher = _slurm_launcher(0)
+    launcher.result_grace_s = 0
+    sweep_cfg = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(tmp_path), "subdir": "model=resnet18,seed=1"},
+                   "job": {"name": "train"}},
+         "model": {"name": "resnet18", "backbone": "rn18"}, "seed": 1}
+    )  # fmt: skip
+    launcher._sweep_config = lambda overrides: sweep_cfg
+    folder = tmp_path / ".submitit" / "42_1"
+    job = SimpleNamespace(
+        job_id="42_1",
+        paths=SimpleNamespace(result_pickle=folder / "r.pkl", stdout=folder / "o", stderr=folder / "e"),
+        results=lambda: pytest.fail("job.results() would wait forever"),
+    )  # fmt: skip
+    ret = launcher._result_or_failure(job, ["model=resnet18", "seed=1"], "UNKNOWN: gone")
+    assert ret.return_value != ret.return_value  # NaN, as a failed sweep job returns
+    metrics = json.loads((tmp_path / "model=resnet18,seed=1" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "42_1" in metrics["error"]
+    assert "UNKNOWN" in metrics["error"] and metrics["stderr"].endswith("e")
