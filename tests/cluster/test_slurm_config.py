@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -102,6 +103,23 @@ def test_cpu_job_asks_for_no_gpu_and_leaves_memory_to_the_cluster(tmp_path, monk
     assert "mem" not in opts, opts  # "Memory specification can not be satisfied"
     assert "cpus-per-task" not in opts, opts  # the cluster's default, not a GPU node's 8
     assert opts["ntasks-per-node"] == "1" and opts["nodes"] == "1"
+
+
+def test_job_threads_follow_its_cpus(tmp_path, monkeypatch):
+    script = sbatch_script(["experiment=demo"], tmp_path, monkeypatch)
+    (setup,) = [line for line in script.splitlines() if "OMP_NUM_THREADS" in line]
+    assert script.index(setup) < script.index("srun")  # before the training starts
+    # What the line does, in bash, with and without CPUs asked for or threads given.
+    for env, threads in (({}, "1"), ({"SLURM_CPUS_PER_TASK": "8"}, "8"),
+                         ({"SLURM_CPUS_PER_TASK": "8", "OMP_NUM_THREADS": "3"}, "3")):  # fmt: skip
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")
+        }
+        out = subprocess.run(["bash", "-c", f'{setup}; echo "$OMP_NUM_THREADS"'],
+                             env={**base, **env}, capture_output=True, text=True, check=True)  # fmt: skip
+        assert out.stdout.strip() == threads, (env, out.stdout)
 
 
 def test_gpu_job_asks_for_its_gpus(tmp_path, monkeypatch):
