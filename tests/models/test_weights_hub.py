@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lung_cls.errors import WeightsNotFoundError
-from lung_cls.models import backbone
-from lung_cls.models.backbone import check_pretrained, create_backbone, find_local_weights
+from lung_cls.models.backbone import create_backbone
+from lung_cls.utils import weights
+from lung_cls.utils.weights import check_pretrained, find_local_weights
 
 TINY = "test_resnet.r160_in1k"  # timm's test network: 0.47 M parameters, a ~2 MB weights file
 REPO = "timm/test_resnet.r160_in1k"
@@ -190,7 +191,7 @@ def test_a_given_file_is_used_and_never_downloaded(weights_file, empty_caches, m
     def no_download(*a, **k):
         raise AssertionError("must not download")
 
-    monkeypatch.setattr(backbone, "download_weights", no_download)
+    monkeypatch.setattr(weights, "download_weights", no_download)
     check_pretrained({"tiny": (TINY, str(path))})
     assert find_local_weights(TINY, str(path)) == (str(path), "file")
     with pytest.raises(WeightsNotFoundError, match="points to no file"):
