@@ -21,6 +21,7 @@ from lung_cls.errors import task_wrapper
 from lung_cls.launch import missing_launcher_plugin, require_launcher_plugin
 from lung_cls.training import run, train
 from lung_cls.utils.hydra import quote_path_overrides
+from lung_cls.utils.typed import preflight
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -36,4 +37,6 @@ __all__ = ["main", "missing_launcher_plugin", "run", "train"]
 if __name__ == "__main__":
     sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run-dir paths hold "=" and ","
     task_wrapper(require_launcher_plugin)(sys.argv[1:])
+    # Typed mistakes, missing data and every model's weights, before the first job starts.
+    task_wrapper(preflight)(sys.argv[1:], "train")
     main()

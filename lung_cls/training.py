@@ -189,7 +189,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             best = None  # fast_dev_run writes no checkpoints: test the weights in memory
         elif not best:
             raise RuntimeError("no best checkpoint was written (did validation run?)")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        trainer.test(
+            model=model,
+            datamodule=datamodule,
+            ckpt_path=best,
+            weights_only=True,
+            verbose=bool(cfg.get("verbose", False)),  # the metric table: in metrics.json anyway
+        )
     if trainer.is_global_zero and artifacts.result is None:
         raise RuntimeError("the test finished but the run-dir artefacts were not written")
     return artifacts.result or {}

@@ -1,86 +1,23 @@
-"""Build any timm backbone offline, with the input adapter that turns a grey [0, 1] image into what
-the backbone was trained on.
+"""Build any timm backbone, with the input adapter that turns a grey [0, 1] image into what the
+backbone was trained on.
 
-Pretrained weights never come from the network. They resolve in this order:
-1. ``weights=PATH``: a local file, passed through timm's ``pretrained_cfg_overlay=dict(file=...)`` so
-   it gets the same head and input-channel adaptation as a hub download would;
-2. the local Hugging Face cache (or timm's legacy torch-hub cache) for the pinned model tag;
-3. otherwise :class:`WeightsNotFoundError`, which says how to supply weights or train from scratch.
+Pretrained weights come from ``lung_cls.utils.weights`` (a local file, the local caches, and the
+hub before the first job; see there), which imports neither Lightning nor this package, so the
+training command can check every model of a sweep before it starts.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
 from lung_cls.errors import WeightsNotFoundError  # re-exported: backbone.WeightsNotFoundError
+from lung_cls.utils.weights import check_pretrained, find_local_weights, resolve_weights
 
 log = logging.getLogger(__name__)
-
-_HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-
-
-def _cached_hf_file(hf_hub_id: str | None) -> str | None:
-    """Return a weights file for ``hf_hub_id`` from the local HF cache, without touching the network."""
-    if not hf_hub_id:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
-        return None
-    repo_id = hf_hub_id.split("@")[0]
-    for name in _HF_FILES:
-        found = try_to_load_from_cache(repo_id, name)
-        if isinstance(found, str) and os.path.isfile(found):
-            return found
-    return None
-
-
-def _cached_torchhub_file(url: str | None) -> str | None:
-    """timm's older releases cached weights under ``$TORCH_HOME/hub/checkpoints/<file name of url>``."""
-    if not url:
-        return None
-    candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    return str(candidate) if candidate.is_file() else None
-
-
-def resolve_weights(backbone: str, weights: str | None) -> tuple[str, str]:
-    """Find a local weights file for ``backbone``; return ``(path, origin)``.
-
-    ``origin`` is ``"file"``, ``"hf-cache"`` or ``"torch-hub-cache"`` so the run can record where
-    its weights came from.
-    """
-    if weights:
-        path = Path(os.path.expanduser(str(weights)))
-        if not path.is_file():
-            raise WeightsNotFoundError(f"{path}: model.weights points to no file")
-        return str(path), "file"
-    cfg = timm.get_pretrained_cfg(backbone)
-    if cfg is None:
-        raise WeightsNotFoundError(
-            f"timm has no pretrained tag for '{backbone}'. Pin a tag (e.g. resnet18.tv_in1k), "
-            "give model.weights=/path/to/file, or set model.pretrained=false."
-        )
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    found = _cached_hf_file(cfg.get("hf_hub_id"))
-    if found:
-        return found, "hf-cache"
-    found = _cached_torchhub_file(cfg.get("url"))
-    if found:
-        return found, "torch-hub-cache"
-    hub = cfg.get("hf_hub_id") or backbone
-    raise WeightsNotFoundError(
-        f"No local ImageNet weights for '{backbone}' and nothing is downloaded at run time. Either\n"
-        f"  1. give a local file: model.weights=/path/to/{backbone}.safetensors (or .pth), or\n"
-        f"  2. put them in the Hugging Face cache on a machine with internet "
-        f"(`huggingface-cli download {hub}`) and copy ~/.cache/huggingface here, or\n"
-        f"  3. train from scratch: model.pretrained=false."
-    )
 
 
 def create_backbone(
@@ -142,3 +79,14 @@ class LungNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.adapter(x))
+
+
+__all__ = [
+    "GreyInput",
+    "LungNet",
+    "WeightsNotFoundError",
+    "check_pretrained",
+    "create_backbone",
+    "find_local_weights",
+    "resolve_weights",
+]

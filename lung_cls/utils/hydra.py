@@ -104,6 +104,8 @@ def quote_path_overrides(args: list[str]) -> list[str]:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("lung_cls.cpu_precision"):
         OmegaConf.register_new_resolver("lung_cls.cpu_precision", _cpu_precision)
+    if not OmegaConf.has_resolver("lung_cls.not"):
+        OmegaConf.register_new_resolver("lung_cls.not", lambda value: not value)
     if not OmegaConf.has_resolver("lung_cls.sweep_subdir"):
         OmegaConf.register_new_resolver("lung_cls.sweep_subdir", sweep_subdir)
 
