@@ -1,8 +1,11 @@
 """Each model's test CAMs pooled over seeds, their class averages, and the pixel-wise statistics.
 
 The paper's CAM sets are the test images of all repetitions of a model: the same image enters
-once per seed. The maps are Grad-CAMs min-max scaled per image to [0, 1] (pytorch-grad-cam), so
-every statistic here compares relative spatial patterns, not activation strength.
+once per seed. Those maps are not independent samples, so the pixel-wise statistics
+(:func:`cam_statistics`) first average each image's maps over the seeds that tested it and test
+one map per image (the max-T permutations then shuffle whole images). The maps are Grad-CAMs
+min-max scaled per image to [0, 1] (pytorch-grad-cam), so every statistic here compares relative
+spatial patterns, not activation strength.
 """
 
 from __future__ import annotations
@@ -134,25 +137,39 @@ def class_mean_cams(
     return means, counts
 
 
+#: What the pixel-wise tests count as one sample (report.json and the methods text say it).
+CAM_UNIT = "image (its CAMs averaged over the seeds that tested it)"
+
+
 def cam_statistics(
     mc: ModelCams, n_perm: int, seed: int, alpha: float, equal_var: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Difference map and pixel-wise tests of perfusion vs ventilation CAMs (pooled over seeds).
+    """Difference map and pixel-wise tests of perfusion vs ventilation CAMs, one map per image.
+
+    Each test image's CAMs are averaged over the seeds that tested it
+    (:func:`~lung_cls.evaluation.stats.image_means`); the t-tests, BH-FDR and the max-T
+    permutations (which shuffle the class labels of whole images) run on those means.
 
     Returns the maps for Fig. 3 (``mean_cam``, ``diff`` = ventilation mean - perfusion mean,
     ``p_mask`` uncorrected, ``fdr_mask`` Benjamini-Hochberg, ``fwer_mask`` max-T permutations
-    when ``n_perm > 0``) and the numbers for ``report.json["cam_statistics"]``.
+    when ``n_perm > 0``) and the numbers for ``report.json["cam_statistics"]``: ``unit``,
+    ``n_maps`` (image x seed maps), ``n_images``, ``n_perfusion`` / ``n_ventilation`` (images).
     """
     from lung_cls.evaluation.stats import (
         fdr_bh,
+        image_means,
         permutation_maxT,
         pixelwise_ttest,
         significant_fractions,
     )
 
-    perf, vent = mc.cams[mc.labels == 1], mc.cams[mc.labels == 0]
-    fig: dict[str, Any] = {"mean_cam": mc.cams.mean(axis=0)}
+    maps, labels, _, _ = image_means(mc.cams, mc.labels, mc.ids)
+    perf, vent = maps[labels == 1], maps[labels == 0]
+    fig: dict[str, Any] = {"mean_cam": maps.mean(axis=0)}
     info: dict[str, Any] = {
+        "unit": CAM_UNIT,
+        "n_maps": int(len(mc.cams)),
+        "n_images": int(len(maps)),
         "n_perfusion": int(len(perf)),
         "n_ventilation": int(len(vent)),
         "n_runs": mc.n_runs,
@@ -161,7 +178,7 @@ def cam_statistics(
         fig["diff"] = vent.mean(axis=0) - perf.mean(axis=0)
         info["diff_min"], info["diff_max"] = float(fig["diff"].min()), float(fig["diff"].max())
     if len(perf) < 2 or len(vent) < 2:
-        info["note"] = "fewer than 2 CAMs in a class: no t-test"
+        info["note"] = "fewer than 2 images in a class: no t-test"
         return fig, info
     _, p = pixelwise_ttest(perf, vent, equal_var=equal_var)
     fdr_mask, _ = fdr_bh(p, alpha)

@@ -142,9 +142,27 @@ def test_cam_statistics_with_permutations_and_too_few_maps() -> None:
     few = _model_cams([1, 1, 0], ["a", "b", "c"])
     fig, info = cam_statistics(few, n_perm=10, seed=0, alpha=0.05, equal_var=True)
     assert "diff" in fig and "p_mask" not in fig
-    assert info["note"] == "fewer than 2 CAMs in a class: no t-test"
+    assert info["note"] == "fewer than 2 images in a class: no t-test"
     one_class = _model_cams([1, 1], ["a", "b"])
     maps, infos = all_cam_statistics(
         {"ok": _two_class_cams(), "one": one_class}, n_perm=0, seed=0, alpha=0.05, equal_var=True
     )
     assert set(maps) == {"ok"} and set(infos) == {"ok", "one"}  # Fig. 3 needs both classes
+
+
+def test_cam_statistics_test_one_map_per_image() -> None:
+    """Five seeds of the same six images are six samples, not thirty: the tests equal those of
+    the per-image mean maps, and report.json says how many maps and images there were."""
+    base = _two_class_cams()
+    rng = np.random.default_rng(0)
+    cams = np.concatenate([base.cams + 0.01 * rng.normal(size=base.cams.shape) for _ in range(5)])
+    five = _model_cams(np.tile(base.labels, 5), np.tile(base.ids, 5), cams=cams)
+    fig, info = cam_statistics(five, n_perm=0, seed=0, alpha=0.05, equal_var=True)
+    means = cams.reshape(5, 6, 2, 2).mean(axis=0)
+    p = stats.ttest_ind(means[:3], means[3:], axis=0).pvalue
+    assert info["min_p"] == pytest.approx(p.min())
+    assert fig["p_mask"].tolist() == (p < 0.05).tolist()
+    assert (info["n_maps"], info["n_images"], info["n_perfusion"]) == (30, 6, 3)
+    assert info["unit"].startswith("image")
+    pooled_p = stats.ttest_ind(cams[five.labels == 1], cams[five.labels == 0], axis=0).pvalue
+    assert pooled_p.min() < p.min()  # the pooled maps would overstate the evidence
