@@ -1,0 +1,69 @@
+"""The study's invariants that a silent change would turn into a different result (issue 13).
+
+Each test here kills a named mutation (docs/statistics.md lists them): the split each loader
+serves, that no validation or test image or patient reaches a training batch, and that the lung
+binarisation uses ``>=`` the configured threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import compose, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def datamodule(tmp_path_factory: pytest.TempPathFactory):
+    from lung_cls.data.datamodule import LungScanDataModule
+
+    tmp = tmp_path_factory.mktemp("inv")
+    cfg = compose(tiny_overrides(tmp / "x"))
+    dm = LungScanDataModule(cfg.data, cache_dir=str(tmp / "cache"), seed=0)
+    dm.setup("fit")
+    return dm
+
+
+def _served(loader) -> list[int]:
+    return [int(i) for _, _, idx in loader for i in idx.tolist()]
+
+
+def test_validation_loader_serves_exactly_the_validation_split(datamodule) -> None:
+    """Checkpoint selection (val/acc) sees validation images only: never the test split."""
+    dm = datamodule
+    val = _served(dm.val_dataloader())
+    assert sorted(val) == dm.split_indices("val").tolist()
+    assert not set(val) & set(dm.split_indices("test").tolist())
+    assert sorted(_served(dm.test_dataloader())) == dm.split_indices("test").tolist()
+
+
+def test_no_validation_or_test_image_or_patient_reaches_a_training_batch(datamodule) -> None:
+    dm = datamodule
+    served = set()
+    for epoch in range(3):
+        dm._epoch = lambda e=epoch: e  # noqa: SLF001 - the loader asks for the epoch
+        served |= set(_served(dm.train_dataloader()))
+    train = set(dm.split_indices("train").tolist())
+    assert served <= train
+    assert len(served) >= 0.9 * len(train)  # the loader really served the training set
+    patients = np.asarray(dm.prepared.patient_ids)
+    held_out = set(patients[dm.split_indices("val")]) | set(patients[dm.split_indices("test")])
+    assert not {patients[i] for i in served} & held_out
+    assert set(np.unique(dm.train_indices).tolist()) == train
+
+
+def test_lung_binarisation_uses_at_least_the_configured_threshold() -> None:
+    """Pixels exactly at the threshold are lung (``>=``), and the configured value is used."""
+    from lung_cls.data.preprocess import detect_lungs
+
+    img = np.zeros((64, 64), np.float32)
+    img[16:48, 10:24] = 30.0  # left lung exactly at the default threshold
+    img[16:48, 40:54] = 30.0
+    found = detect_lungs(img, {"threshold": 30.0})
+    assert found["ok"], found["reason"]
+    assert found["binary"].sum() == 2 * 32 * 14
+    higher = detect_lungs(img * 2, {"threshold": 60.0})
+    assert higher["ok"] and higher["binary"].sum() == 2 * 32 * 14
+    assert not detect_lungs(img, {"threshold": 30.5})["ok"]  # just above: nothing left
+    assert detect_lungs(img * 0.5, {"threshold": 15.0})["ok"]  # a lower configured threshold
+    assert detect_lungs(img * 1.5, {"threshold": 50.0})["binary"].sum() == 0  # 45 < 50
