@@ -166,3 +166,31 @@ def test_cam_statistics_test_one_map_per_image() -> None:
     assert info["unit"].startswith("image")
     pooled_p = stats.ttest_ind(cams[five.labels == 1], cams[five.labels == 0], axis=0).pvalue
     assert pooled_p.min() < p.min()  # the pooled maps would overstate the evidence
+
+
+def test_difference_map_is_ventilation_minus_perfusion_drawn_red_where_perfusion_is_higher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fig. 3's documented meaning, end to end: pixel (0, 0) is hot in the perfusion CAMs only,
+    so diff = ventilation - perfusion is negative there and the panel paints it red."""
+    import lung_cls.evaluation.figures as figs
+
+    maps, _ = all_cam_statistics(
+        {"m": _two_class_cams()}, n_perm=0, seed=0, alpha=0.05, equal_var=True
+    )
+    assert maps["m"]["diff"][0, 0] < 0
+    drawn: dict[str, object] = {}
+    monkeypatch.setattr(figs, "_save", lambda fig, path: drawn.__setitem__("fig", fig))
+
+    def colour_at_00(maps) -> np.ndarray:
+        figs.fig_cam_statistics(maps, "unused.png")
+        image = drawn["fig"].axes[0].images[0]
+        return image.to_rgba(image.get_array())[0, 0, :3]
+
+    r, _, b = colour_at_00(maps)
+    assert r > b + 0.2  # red: perfusion higher (RdBu runs dark red -> white -> dark blue)
+    swapped = _two_class_cams().cams[[3, 4, 5, 0, 1, 2]]
+    vent_hot = _model_cams([1, 1, 1, 0, 0, 0], list("abcdef"), cams=swapped)
+    maps, _ = all_cam_statistics({"m": vent_hot}, n_perm=0, seed=0, alpha=0.05, equal_var=True)
+    r, _, b = colour_at_00(maps)
+    assert b > r + 0.2  # blue: ventilation higher

@@ -140,6 +140,11 @@ def test_pooled_ci_resamples_images_not_rows() -> None:
     assert five["acc"] == one["acc"]  # the point estimate does not change
     for key in ("acc", "auc", "sensitivity"):
         assert five["ci95"][key] == pytest.approx(one["ci95"][key]), key
+    # ... and the interval is the 95 % one of the image bootstrap (not another level).
+    from lung_cls.evaluation.stats import cluster_bootstrap_ci
+
+    ref = cluster_bootstrap_ci(labels, probs, ids, pred=(probs >= 0.5), n_boot=400, seed=1)
+    assert one["ci95"]["acc"] == ref["acc"]
 
 
 def test_pooled_ci_resamples_patients_that_hold_several_images() -> None:
