@@ -430,6 +430,8 @@ def cam_statistics_table(stat_info: Mapping[str, Mapping[str, Any]]) -> pd.DataF
                 "perfusion images": i["n_perfusion"],
                 "ventilation images": i["n_ventilation"],
                 "maps (images x seeds)": i.get("n_maps", "-"),
+                "pixels tested": i.get("n_tests", "-"),
+                "CAM scale": i.get("cam_scale", "-"),
                 **{
                     f"significant {k}": f"{100 * v:.1f}%"
                     for k, v in (i.get("significant_fraction") or {}).items()

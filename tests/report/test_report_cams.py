@@ -9,8 +9,10 @@ import pytest
 from scipy import stats
 
 from lung_cls.report.cams import (
+    RAW_CAMS_KEY,
     ModelCams,
     all_cam_statistics,
+    body_mask,
     cam_statistics,
     class_mean_cams,
     load_model_cams,
@@ -194,3 +196,70 @@ def test_difference_map_is_ventilation_minus_perfusion_drawn_red_where_perfusion
     maps, _ = all_cam_statistics({"m": vent_hot}, n_perm=0, seed=0, alpha=0.05, equal_var=True)
     r, _, b = colour_at_00(maps)
     assert b > r + 0.2  # blue: ventilation higher
+
+
+def test_cam_statistics_test_only_the_body_and_count_the_tests() -> None:
+    """Pixels outside the mask are never tested (nor flagged), and n_tests says how many were."""
+    rng = np.random.default_rng(1)
+    n, size = 12, 6
+    cams = rng.random((n, size, size))
+    labels = np.r_[np.ones(6, int), np.zeros(6, int)]
+    cams[labels == 1, 0, 0] += 5.0  # a strong effect in the background corner
+    cams[labels == 1, 3, 3] += 5.0  # and one on the body
+    body = np.zeros((n, size, size), bool)
+    body[:, 2:5, 2:5] = True
+    mc = ModelCams(cams, labels, np.arange(n).astype(str), None, {"lungs": body}, 1)
+    fig, info = cam_statistics(mc, n_perm=49, seed=0, alpha=0.05, equal_var=True)
+    assert info["n_tests"] == 9 and info["n_pixels_total"] == 36
+    assert info["significant_fraction"]["n_pixels"] == 9
+    assert "lungs" in info["mask"]
+    for key in ("p_mask", "fdr_mask", "fwer_mask"):
+        assert fig[key][3, 3] and not fig[key][0, 0], key
+        assert not fig[key][~body[0]].any(), key
+    _, all_px = cam_statistics(mc, n_perm=0, seed=0, alpha=0.05, equal_var=True, mask="none")
+    assert all_px["n_tests"] == 36
+    given = np.zeros((size, size), bool)
+    given[0, :] = True
+    fig, user = cam_statistics(mc, n_perm=0, seed=0, alpha=0.05, equal_var=True, mask=given)
+    assert user["n_tests"] == 6 and fig["p_mask"][0, 0] and not fig["p_mask"][3, 3]
+    with pytest.raises(ValueError, match="shape"):
+        cam_statistics(mc, 0, 0, 0.05, True, mask=np.ones((2, 2), bool))
+
+
+def test_body_mask_from_the_mean_image_without_truth_masks() -> None:
+    images = np.zeros((4, 5, 5), np.uint8)
+    images[:, 1:4, 1:4] = 200
+    images[:, 0, 0] = 10  # faint background: below 0.1 x 200
+    mc = _model_cams([1, 1, 0, 0], list("abcd"), images=images, cams=np.zeros((4, 5, 5)))
+    mask, text = body_mask(mc, "auto", 0.1)
+    assert mask.sum() == 9 and not mask[0, 0]
+    assert "mean test image" in text
+    assert body_mask(_model_cams([1, 0], ["a", "b"]), "auto")[0].all()  # nothing to build on
+
+
+def test_cam_statistics_use_raw_or_minmax_cams_and_say_which() -> None:
+    base = _two_class_cams()
+    raw = -base.cams  # a raw map that differs from the scaled one
+    mc = ModelCams(base.cams, base.labels, base.ids, None, {}, 1, raw=raw)
+    fig, info = cam_statistics(mc, 0, 0, 0.05, True, scale="raw")
+    assert info["cam_scale"] == "raw" and fig["diff"][0, 0] == pytest.approx(0.8)
+    _, info = cam_statistics(mc, 0, 0, 0.05, True, scale="minmax")
+    assert info["cam_scale"] == "minmax"
+    _, info = cam_statistics(base, 0, 0, 0.05, True, scale="raw")  # no raw maps stored
+    assert info["cam_scale"] == "minmax" and "no raw CAMs" in info["note"]
+
+
+def test_load_model_cams_keeps_raw_maps_when_every_run_has_them(tmp_path: Path) -> None:
+    from lung_cls.runs import write_cams
+
+    runs = []
+    for seed in (0, 1):
+        d = tmp_path / f"run{seed}"
+        write_cams(
+            d, cams=np.full((2, 3, 3), 0.5), labels=[1, 0], ids=["a", "b"],
+            images=np.zeros((2, 3, 3)), probs=[0.9, 0.1],
+            extra={RAW_CAMS_KEY: np.full((2, 3, 3), -1.5 - seed, np.float32)},
+        )  # fmt: skip
+        runs.append(_record(d, seed))
+    mc = load_model_cams(runs, [])
+    assert mc.raw is not None and mc.raw.shape == (4, 3, 3) and mc.raw.min() == -2.5
