@@ -23,6 +23,7 @@ from lung_cls.data.split import (
     check_disjoint,
     duplicate_content,
     grouped_split,
+    near_duplicates,
     scale_counts,
     split_summary,
     upsample_indices,
@@ -210,6 +211,9 @@ class LungScanDataModule(L.LightningDataModule):
             "n_train_balanced": int(len(balanced)),
             "patients_disjoint": True,
             "duplicate_pairs_across_splits": self.summary.get("duplicate_pairs_across_splits", 0),
+            "near_duplicate_pairs_across_splits": self.summary.get(
+                "near_duplicate_pairs_across_splits", 0
+            ),
             "skipped": list(data.skipped),
         }
 
@@ -262,18 +266,39 @@ class LungScanDataModule(L.LightningDataModule):
         ) from None
 
     def _check_leakage(self, images: np.ndarray, splits: np.ndarray) -> None:
-        pairs = duplicate_content(images, splits)
-        self.summary["duplicate_pairs_across_splits"] = len(pairs)
-        if not pairs:
-            return
+        """Identical pixels, or near-identical images (correlation >= ``data.leakage_corr``
+        after pre-processing), in two splits: an error, or a warning with ``data.leakage=warn``.
+        """
         mode = str(self.cfg.get("leakage", "error"))
         if mode not in ("error", "warn"):
             raise DataSetupError(f"data.leakage must be 'error' or 'warn', got {mode!r}")
+        corr = self.cfg.get("leakage_corr", 0.999)
+        if isinstance(corr, bool) or not isinstance(corr, int | float) or not 0 < corr <= 1:
+            raise DataSetupError(f"data.leakage_corr must be a number in (0, 1], got {corr!r}")
+        pairs = duplicate_content(images, splits)
+        exact = set(pairs)
+        near = [p for p in near_duplicates(images, splits, float(corr)) if p[:2] not in exact]
+        self.summary["duplicate_pairs_across_splits"] = len(pairs)
+        self.summary["near_duplicate_pairs_across_splits"] = len(near)
         paths = self.prepared.paths
-        shown = ", ".join(
-            f"{paths[i]} ({splits[i]}) = {paths[j]} ({splits[j]})" for i, j in pairs[:5]
-        )
-        msg = f"{len(pairs)} image(s) with identical pixels sit in two splits: {shown}"
+        msgs = []
+        if pairs:
+            shown = ", ".join(
+                f"{paths[i]} ({splits[i]}) = {paths[j]} ({splits[j]})" for i, j in pairs[:5]
+            )
+            msgs.append(f"{len(pairs)} image(s) with identical pixels sit in two splits: {shown}")
+        if near:
+            shown = ", ".join(
+                f"{paths[i]} ({splits[i]}) ~ {paths[j]} ({splits[j]}, r={r:.5f})"
+                for i, j, r in near[:5]
+            )
+            msgs.append(
+                f"{len(near)} pair(s) of near-identical images (pixel correlation >= {corr:g} "
+                f"after pre-processing, data.leakage_corr) sit in two splits: {shown}"
+            )
+        if not msgs:
+            return
+        msg = "; ".join(msgs)
         if mode == "error":
             raise DataSetupError(msg + " (set data.leakage=warn to continue anyway)")
         log.warning(msg)

@@ -67,3 +67,29 @@ def test_lung_binarisation_uses_at_least_the_configured_threshold() -> None:
     assert not detect_lungs(img, {"threshold": 30.5})["ok"]  # just above: nothing left
     assert detect_lungs(img * 0.5, {"threshold": 15.0})["ok"]  # a lower configured threshold
     assert detect_lungs(img * 1.5, {"threshold": 50.0})["binary"].sum() == 0  # 45 < 50
+
+
+def test_a_near_copy_across_splits_is_leakage(datamodule, caplog) -> None:
+    """A training image one grey level brighter in the test split is caught (bytes differ)."""
+    import logging
+
+    from lung_cls.errors import DataSetupError
+
+    dm = datamodule
+    images = dm.prepared.images.copy()
+    i, j = int(dm.split_indices("train")[0]), int(dm.split_indices("test")[0])
+    images[j] = np.clip(images[i].astype(int) + 1, 0, 255).astype(np.uint8)
+    with pytest.raises(
+        DataSetupError, match=r"1 pair\(s\) of near-identical images.*r=(1\.0|0\.99)"
+    ):
+        dm._check_leakage(images, dm.splits)  # noqa: SLF001
+    assert dm.summary["near_duplicate_pairs_across_splits"] == 1
+    dm.cfg.leakage = "warn"
+    try:
+        with caplog.at_level(logging.WARNING, logger="lung_cls.data.datamodule"):
+            dm._check_leakage(images, dm.splits)  # noqa: SLF001
+    finally:
+        dm.cfg.leakage = "error"
+    assert any("near-identical" in r.getMessage() for r in caplog.records)
+    dm._check_leakage(dm.prepared.images, dm.splits)  # noqa: SLF001 - the real data: clean
+    assert dm.summary["near_duplicate_pairs_across_splits"] == 0

@@ -216,3 +216,29 @@ def test_duplicate_content_finds_cross_split_copies():
     splits = np.asarray(["train", "train", "val", "test", "unused", "train"])
     assert duplicate_content(images, splits) == [(0, 3)]
     assert (2, 4) in duplicate_content(images, splits, ignore=())
+
+
+def test_near_duplicates_catch_what_bytes_miss():
+    """A copy one grey level brighter, or with a little noise, is the same image; two different
+    noisy images of one smooth pattern are not (correlation below 0.999)."""
+    from lung_cls.data.split import near_duplicates
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    base = 120 + 100 * np.exp(-((yy - 16) ** 2 + (xx - 12) ** 2) / 60.0)
+    images = np.stack([np.clip(base + rng.normal(0, 12, base.shape), 0, 250) for _ in range(5)])
+    images[1] = images[0] + 1  # shifted by one grey level: not byte-identical
+    images[3] = images[2] + rng.normal(0, 0.5, base.shape)  # re-encoded with a little noise
+    images = images.astype(np.uint8)
+    splits = np.asarray(["train", "test", "train", "val", "test"])
+    assert duplicate_content(images, splits) == []
+    pairs = near_duplicates(images, splits)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1), (2, 3)]
+    assert all(r >= 0.999 for *_, r in pairs)
+    # the independent noisy images of one pattern correlate, but stay below the threshold
+    full = np.corrcoef(images.reshape(5, -1).astype(float))
+    assert 0.5 < full[0, 4] < 0.999
+    assert near_duplicates(images, np.asarray(["train"] * 5)) == []  # one split: no leakage
+    assert near_duplicates(images, splits, threshold=0.4)  # a loose threshold flags more
+    with pytest.raises(ValueError, match="threshold"):
+        near_duplicates(images, splits, threshold=0.0)
