@@ -21,6 +21,7 @@ from lung_cls.data.augment import from_config as augment_from_config
 from lung_cls.data.preprocess import PreparedData, prepare_dataset
 from lung_cls.data.split import (
     check_disjoint,
+    cv_folds,
     duplicate_content,
     grouped_split,
     near_duplicates,
@@ -182,9 +183,13 @@ class LungScanDataModule(L.LightningDataModule):
                     f"no {CLASS_NAMES[c]} images in the data set: both classes are needed"
                 )
         wanted = {1: tuple(self.cfg.split.perfusion), 0: tuple(self.cfg.split.ventilation)}
-        splits, counts = self._split(labels, np.asarray(data.patient_ids), wanted, available)
-        if counts != {k: tuple(int(n) for n in v) for k, v in wanted.items()}:
-            log.warning("Split counts fitted to the data available: %s", counts)
+        folds = self.cfg.split.get("folds")
+        if folds is None:
+            splits, counts = self._split(labels, np.asarray(data.patient_ids), wanted, available)
+            if counts != {k: tuple(int(n) for n in v) for k, v in wanted.items()}:
+                log.warning("Split counts fitted to the data available: %s", counts)
+        else:
+            splits, counts = self._cv_split(labels, np.asarray(data.patient_ids), wanted, folds)
         try:
             check_disjoint(splits, np.asarray(data.patient_ids))
         except ValueError as err:
@@ -216,6 +221,8 @@ class LungScanDataModule(L.LightningDataModule):
             ),
             "skipped": list(data.skipped),
         }
+        if folds is not None:
+            self.summary["cv"] = {"folds": int(folds), "fold": int(self.cfg.split.fold)}
 
     def _split(
         self,
@@ -264,6 +271,61 @@ class LungScanDataModule(L.LightningDataModule):
             f"cannot split the data as configured: {error} "
             f"(train, val, test counts tried: {tried}; set other counts with these keys)"
         ) from None
+
+    def _cv_split(
+        self,
+        labels: np.ndarray,
+        patient_ids: np.ndarray,
+        wanted: dict[int, tuple[int, ...]],
+        folds: Any,
+    ) -> tuple[np.ndarray, dict[int, tuple[int, int, int]]]:
+        """Cross-validation (``data.split.folds=K``, ``data.split.fold=k``): fold k of
+        :func:`cv_folds` is the test set; validation comes from the other folds' patients with
+        the configured validation counts (scaled down when the data set is smaller than the
+        configured total), and the rest is training. Every image is tested in exactly one fold.
+        """
+        fold = self.cfg.split.get("fold", 0)
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise DataSetupError(f"data.split.folds must be an integer >= 2 or null, got {folds!r}")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+            raise DataSetupError(
+                f"data.split.fold must be an integer in 0..{folds - 1} (data.split.folds={folds}), "
+                f"got {fold!r}"
+            )
+        seed = int(self.cfg.split_seed)
+        try:
+            fold_of = cv_folds(labels, patient_ids, folds, seed)
+        except ValueError as err:
+            raise DataSetupError(f"cannot make data.split.folds={folds}: {err}") from None
+        test = fold_of == fold
+        rest = np.flatnonzero(~test)
+        counts: dict[int, tuple[int, int, int]] = {}
+        for c in (0, 1):
+            total, n_c = sum(int(v) for v in wanted[c]), int((labels == c).sum())
+            val = int(wanted[c][1]) if total <= n_c else max(1, round(wanted[c][1] * n_c / total))
+            n_rest = int((labels[rest] == c).sum())
+            val = min(val, n_rest - 1)
+            counts[c] = (n_rest - val, val, int((labels[test] == c).sum()))
+        inner = {c: (t, v, 0) for c, (t, v, _) in counts.items()}
+        try:
+            rest_split = grouped_split(labels[rest], patient_ids[rest], inner, seed + 1 + fold)
+        except ValueError:
+            m = min(v for _, v, _ in counts.values())
+            counts = {c: (t + v - m, m, s) for c, (t, v, s) in counts.items()}
+            inner = {c: (t, v, 0) for c, (t, v, _) in counts.items()}
+            try:
+                rest_split = grouped_split(labels[rest], patient_ids[rest], inner, seed + 1 + fold)
+            except ValueError as err:
+                raise DataSetupError(
+                    f"fold {fold} of {folds}: no validation set of whole patients: {err}"
+                ) from None
+        splits = np.full(len(labels), "test", dtype="<U6")
+        splits[rest] = rest_split
+        log.info(
+            "Cross-validation fold %d of %d: test %d images, train/val/test counts per class %s",
+            fold, folds, int(test.sum()), counts,
+        )  # fmt: skip
+        return splits, counts
 
     def _check_leakage(self, images: np.ndarray, splits: np.ndarray) -> None:
         """Identical pixels, or near-identical images (correlation >= ``data.leakage_corr``

@@ -876,3 +876,48 @@ def near_duplicates(
             pairs.append((i, j, r))
     pairs.sort()
     return pairs
+
+
+def cv_folds(
+    labels: Sequence[int] | np.ndarray, groups: Sequence | np.ndarray, k: int, seed: int
+) -> np.ndarray:
+    """K patient-grouped, class-stratified test folds: the fold (0..k-1) of every image.
+
+    Every image lies in exactly one fold and all images of a patient in the same one, so the k
+    test folds together test every image once. Patients are dealt in seeded random order (those
+    with the most images first), each to the fold that holds the fewest images of the patient's
+    classes so far (ties: fewest images, then the lowest fold), which keeps each class's count
+    per fold within about one patient of the others.
+
+    Raises ``ValueError`` when ``k < 2`` or a class has fewer patients than folds (a fold would
+    test no image of it).
+    """
+    labels_arr = np.asarray(labels)
+    groups_arr = _as_groups(groups, len(labels_arr)).astype(str)
+    if isinstance(k, bool) or int(k) != k or k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k!r}")
+    k = int(k)
+    classes = sorted(int(c) for c in np.unique(labels_arr))
+    patients, inv = np.unique(groups_arr, return_inverse=True)
+    vec = np.zeros((patients.size, len(classes)), dtype=np.int64)
+    for ci, c in enumerate(classes):
+        np.add.at(vec[:, ci], inv[labels_arr == c], 1)
+    for ci, c in enumerate(classes):
+        n_pat = int((vec[:, ci] > 0).sum())
+        if n_pat < k:
+            raise ValueError(
+                f"{k} folds but only {n_pat} patient(s) with {class_name(c)} images: every fold "
+                "needs at least one (use fewer folds)"
+            )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(patients.size)
+    order = order[np.argsort(-vec[order].sum(axis=1), kind="stable")]
+    counts = np.zeros((k, len(classes)), dtype=np.int64)
+    fold_of = np.empty(patients.size, dtype=np.int64)
+    for p in order:
+        has = vec[p] > 0
+        load = counts[:, has].sum(axis=1)
+        best = np.lexsort((np.arange(k), counts.sum(axis=1), load))[0]
+        fold_of[p] = best
+        counts[best] += vec[p]
+    return fold_of[inv]

@@ -83,7 +83,9 @@ def pooled_metrics(runs: Sequence[RunRecord], n_boot: int, seed: int) -> dict[st
     {} when no run has per-image predictions.
 
     ``ci_unit`` names the unit, ``n_units`` how many there are, ``n_unique_images`` how many
-    distinct images; ``n`` counts rows (images x seeds).
+    distinct images; ``n`` counts rows (images x seeds). Under cross-validation
+    (``data.split.fold`` swept) the folds' test rows are pooled the same way, so every image
+    counts once per seed, and ``n_folds`` says how many folds there were.
     """
     from lung_cls.evaluation.metrics import binary_metrics
     from lung_cls.evaluation.stats import cluster_bootstrap_ci
@@ -104,6 +106,9 @@ def pooled_metrics(runs: Sequence[RunRecord], n_boot: int, seed: int) -> dict[st
     pooled["n_units"] = int(len(np.unique(clusters)))
     pooled["n_runs"] = len(pooled_runs)
     pooled["n_unique_images"] = int(df["id"].nunique())
+    folds = {r.overrides.get("data.split.fold") for r in pooled_runs} - {None}
+    if folds:  # cross-validation: the folds' test sets together hold every image once
+        pooled["n_folds"] = len(folds)
     return pooled
 
 

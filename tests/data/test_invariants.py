@@ -93,3 +93,31 @@ def test_a_near_copy_across_splits_is_leakage(datamodule, caplog) -> None:
     assert any("near-identical" in r.getMessage() for r in caplog.records)
     dm._check_leakage(dm.prepared.images, dm.splits)  # noqa: SLF001 - the real data: clean
     assert dm.summary["near_duplicate_pairs_across_splits"] == 0
+
+
+def test_cross_validation_folds_test_every_image_once(tmp_path_factory) -> None:
+    """data.split.folds=5: over fold=0..4 each image is tested exactly once, validation and
+    training come from the other folds, and no patient straddles two splits in any fold."""
+    from lung_cls.data.datamodule import LungScanDataModule
+    from lung_cls.errors import DataSetupError
+
+    tmp = tmp_path_factory.mktemp("cv")
+    tested = []
+    for fold in range(5):
+        cfg = compose(tiny_overrides(tmp / "x", "data.split.folds=5", f"data.split.fold={fold}"))
+        dm = LungScanDataModule(cfg.data, cache_dir=str(tmp / "cache"), seed=0)
+        dm.setup("fit")
+        test = dm.split_indices("test")
+        tested.extend(test.tolist())
+        patients = np.asarray(dm.prepared.patient_ids)
+        for a, b in (("train", "test"), ("val", "test"), ("train", "val")):
+            assert not set(patients[dm.split_indices(a)]) & set(patients[dm.split_indices(b)])
+        assert len(dm.split_indices("val")) > 0 and (dm.splits == "unused").sum() == 0
+        labels = np.asarray(dm.prepared.labels)
+        assert set(labels[test].tolist()) == {0, 1}  # stratified: both classes in every fold
+        assert dm.summary["cv"] == {"folds": 5, "fold": fold}
+    n = len(dm.prepared.labels)
+    assert sorted(tested) == list(range(n))
+    bad = compose(tiny_overrides(tmp / "x", "data.split.folds=5", "data.split.fold=5"))
+    with pytest.raises(DataSetupError, match=r"data.split.fold must be an integer in 0..4"):
+        LungScanDataModule(bad.data, cache_dir=str(tmp / "cache"), seed=0).setup("fit")

@@ -242,3 +242,29 @@ def test_near_duplicates_catch_what_bytes_miss():
     assert near_duplicates(images, splits, threshold=0.4)  # a loose threshold flags more
     with pytest.raises(ValueError, match="threshold"):
         near_duplicates(images, splits, threshold=0.0)
+
+
+def test_cv_folds_group_patients_stratify_classes_and_cover_every_image_once():
+    from lung_cls.data.split import cv_folds
+
+    rng = np.random.default_rng(3)
+    # 30 V/Q pairs, 40 lone perfusion patients, 6 lone ventilation patients
+    groups = [f"vq{i}" for i in range(30) for _ in (0, 1)]
+    labels = [c for _ in range(30) for c in (1, 0)]
+    groups += [f"p{i}" for i in range(40)] + [f"v{i}" for i in range(6)]
+    labels += [1] * 40 + [0] * 6
+    order = rng.permutation(len(labels))
+    groups, labels = np.asarray(groups)[order], np.asarray(labels)[order]
+    fold = cv_folds(labels, groups, 5, seed=0)
+    assert set(fold.tolist()) == set(range(5))
+    for g in np.unique(groups):  # a patient's images share one fold
+        assert len(set(fold[groups == g].tolist())) == 1
+    for c, n in ((1, 70), (0, 36)):
+        per_fold = np.bincount(fold[labels == c], minlength=5)
+        assert per_fold.sum() == n and per_fold.max() - per_fold.min() <= 2, (c, per_fold)
+    assert np.array_equal(fold, cv_folds(labels, groups, 5, seed=0))  # seeded
+    assert not np.array_equal(fold, cv_folds(labels, groups, 5, seed=1))
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        cv_folds(labels, groups, 1, seed=0)
+    with pytest.raises(ValueError, match="only 36 patient"):
+        cv_folds(labels, groups, 40, seed=0)

@@ -364,3 +364,15 @@ def test_cam_statistics_table_cells() -> None:
     assert "significant n_pixels" not in table.columns
     assert table.loc["few", "note"] == "fewer than 2 CAMs in a class"
     assert table.loc["m", "perfusion images"] == 6
+
+
+def test_pooled_metrics_pool_cross_validation_folds_by_image() -> None:
+    """Two folds that test different images: pooled over both, each image is one unit."""
+    runs = []
+    for fold, ids in enumerate((("a", "b", "c", "d"), ("e", "f", "g", "h"))):
+        r = _run("m", 0, (0.9, 0.6, 0.4, 0.1), ids=ids)
+        r.overrides = {"data.split.fold": str(fold)}
+        runs.append(r)
+    pooled = pooled_metrics(runs, n_boot=50, seed=0)
+    assert pooled["n_folds"] == 2 and pooled["n_unique_images"] == pooled["n_units"] == 8
+    assert pooled["acc"] == 1.0
