@@ -18,7 +18,7 @@ import torch
 
 from lung_cls.data.augment import BatchAugment
 from lung_cls.data.augment import from_config as augment_from_config
-from lung_cls.data.preprocess import PreparedData, prepare_dataset
+from lung_cls.data.preprocess import PreparedData, prep_config, prepare_dataset
 from lung_cls.data.split import (
     check_disjoint,
     cv_folds,
@@ -194,6 +194,7 @@ class LungScanDataModule(L.LightningDataModule):
             check_disjoint(splits, np.asarray(data.patient_ids))
         except ValueError as err:
             raise DataSetupError(f"patient leakage between splits: {err}") from None
+        nmi_info = self._align_fallback_to_training(splits)
         self._check_leakage(data.images, splits)
         if data.skipped:
             log.warning(
@@ -220,6 +221,7 @@ class LungScanDataModule(L.LightningDataModule):
                 "near_duplicate_pairs_across_splits", 0
             ),
             "skipped": list(data.skipped),
+            "nmi_reference": nmi_info,
         }
         if folds is not None:
             self.summary["cv"] = {"folds": int(folds), "fold": int(self.cfg.split.fold)}
@@ -271,6 +273,77 @@ class LungScanDataModule(L.LightningDataModule):
             f"cannot split the data as configured: {error} "
             f"(train, val, test counts tried: {tried}; set other counts with these keys)"
         ) from None
+
+    def _align_fallback_to_training(self, splits: np.ndarray) -> dict[str, Any]:
+        """Align the NMI-fallback images to the mean of the centroid-centred *training* images.
+
+        The cached pre-processing aligned them to the mean of the whole cohort's centred images,
+        test images included: no labels, but transductive. Here each is aligned again, from its
+        stored unshifted image (``PreparedData.nmi_moving``), by the same seeded NMI search
+        against a reference built from training images only; its truth masks move by the change
+        of shift. The reference itself is what the checkpoint stores too
+        (:meth:`reference_image`, the mean training image). Returns the record for
+        ``metrics.json`` ``data.nmi_reference``.
+        """
+        from lung_cls.data.preprocess import _to_uint8, nmi_search, resize_batch, translate
+
+        data = self.prepared
+        todo = sorted(i for i in data.nmi_moving if data.info[i].get("method") == "nmi")
+        train = splits == "train"
+        centred = np.array([inf.get("method") == "centroid" for inf in data.info], dtype=bool)
+        ref_idx = np.flatnonzero(train & centred)
+        record: dict[str, Any] = {"source": "train", "n_images": int(ref_idx.size)}
+        record["n_aligned"] = 0
+        if not todo:
+            return record
+        if ref_idx.size == 0:
+            log.warning("No centroid-centred training image: NMI-fallback images keep the shift "
+                        "found against the cohort mean")  # fmt: skip
+            record["source"] = "cohort (no centred training image)"
+            return record
+        c = prep_config(self.cfg.get("preprocess"))
+        size = data.images.shape[-1]
+        mean = data.images[ref_idx].astype(np.float32).mean(axis=0)
+        mean = resize_batch(mean[None], size)[0] if mean.shape[-1] != size else mean
+        subpixel = bool(c["subpixel"])
+        images = np.array(data.images, copy=True)
+        for i in todo:
+            moving = np.asarray(data.nmi_moving[i], dtype=np.float32)
+            rng = np.random.default_rng([int(c["seed"]), i])
+            dy, dx, score, score0 = nmi_search(moving, mean, c, rng)
+            if not subpixel:
+                dy, dx = float(round(dy)), float(round(dx))
+            old = (float(data.info[i]["shift_y"]), float(data.info[i]["shift_x"]))
+            images[i] = _to_uint8(translate(moving, dy, dx, subpixel=subpixel))
+            data.info[i].update(
+                shift_y=dy, shift_x=dx, nmi=round(score, 6), nmi_unshifted=round(score0, 6),
+                nmi_reference="train",
+            )  # fmt: skip
+            self._shift_masks(i, dy - old[0], dx - old[1])
+        data.images = images
+        record["n_aligned"] = len(todo)
+        log.info("%d NMI-fallback image(s) aligned to the mean of %d centred training images",
+                 len(todo), ref_idx.size)  # fmt: skip
+        return record
+
+    def _shift_masks(self, i: int, ddy: float, ddx: float) -> None:
+        """Move image ``i``'s truth masks by the change of its shift (bilinear, >= 0.5)."""
+        from lung_cls.data.masks import PackedMasks
+        from lung_cls.data.preprocess import translate
+
+        masks = self.prepared.masks
+        if not masks or (ddy == 0 and ddx == 0):
+            return
+        for name in list(masks):
+            old = np.asarray(masks[name][i], dtype=np.float32)
+            if not old.any():
+                continue
+            new = translate(old, ddy, ddx, subpixel=True) >= 0.5
+            if isinstance(masks, PackedMasks):
+                masks.packed(name)[i] = np.packbits(new, axis=-1)
+                masks._cache.pop(name, None)  # noqa: SLF001 - drop the stale unpacked copy
+            else:
+                masks[name][i] = new
 
     def _cv_split(
         self,

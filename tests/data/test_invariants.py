@@ -7,6 +7,8 @@ binarisation uses ``>=`` the configured threshold.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,45 @@ def test_cross_validation_folds_test_every_image_once(tmp_path_factory) -> None:
     bad = compose(tiny_overrides(tmp / "x", "data.split.folds=5", "data.split.fold=5"))
     with pytest.raises(DataSetupError, match=r"data.split.fold must be an integer in 0..4"):
         LungScanDataModule(bad.data, cache_dir=str(tmp / "cache"), seed=0).setup("fit")
+
+
+def test_nmi_fallback_is_aligned_to_training_images_only(monkeypatch) -> None:
+    """The reference of the NMI fallback is the mean of the centred *training* images: a test
+    image, however bright, does not enter it; the fallback image is re-aligned from its stored
+    unshifted copy, and its truth mask moves with it."""
+    import lung_cls.data.preprocess as prep
+    from lung_cls.data.datamodule import LungScanDataModule
+    from lung_cls.data.preprocess import PreparedData
+
+    cfg = compose(tiny_overrides(Path("/nonexistent")))
+    dm = LungScanDataModule(cfg.data, cache_dir=None, seed=0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 100, size=(5, 32, 32), dtype=np.uint8)
+    images[3] = 255  # a test image that would dominate a cohort mean
+    moving = np.zeros((32, 32), np.float32)
+    moving[10:20, 10:20] = 200.0
+    info = [{"method": "centroid", "shift_y": 0.0, "shift_x": 0.0} for _ in range(5)]
+    info[4] = {"method": "nmi", "shift_y": 0.0, "shift_x": 0.0}
+    mask = np.zeros((5, 32, 32), bool)
+    mask[4, 10:20, 10:20] = True
+    dm.prepared = PreparedData(
+        images=images, labels=np.array([1, 0, 1, 0, 1]), patient_ids=np.array(list("abcde")),
+        ids=np.array(list("abcde")), paths=np.array(list("abcde")), info=info,
+        masks={"lungs": mask}, nmi_moving={4: moving},
+    )  # fmt: skip
+    seen = {}
+
+    def fake_search(img, reference, c, rng):
+        seen["reference"] = np.array(reference)
+        return 2.0, -3.0, 1.5, 1.2
+
+    monkeypatch.setattr(prep, "nmi_search", fake_search)
+    splits = np.array(["train", "train", "val", "test", "train"])
+    record = dm._align_fallback_to_training(splits)  # noqa: SLF001
+    np.testing.assert_allclose(seen["reference"], images[[0, 1]].astype(np.float32).mean(axis=0))
+    assert record == {"source": "train", "n_images": 2, "n_aligned": 1}
+    assert dm.prepared.info[4]["shift_y"] == 2.0 and dm.prepared.info[4]["shift_x"] == -3.0
+    expected = np.zeros((32, 32), np.uint8)
+    expected[12:22, 7:17] = 200
+    assert np.array_equal(dm.prepared.images[4], expected)
+    assert np.array_equal(dm.prepared.masks["lungs"][4], expected > 0)
