@@ -18,11 +18,13 @@ import torch
 
 from lung_cls.data.augment import BatchAugment
 from lung_cls.data.augment import from_config as augment_from_config
-from lung_cls.data.preprocess import PreparedData, prepare_dataset
+from lung_cls.data.preprocess import PreparedData, prep_config, prepare_dataset
 from lung_cls.data.split import (
     check_disjoint,
+    cv_folds,
     duplicate_content,
     grouped_split,
+    near_duplicates,
     scale_counts,
     split_summary,
     upsample_indices,
@@ -181,13 +183,18 @@ class LungScanDataModule(L.LightningDataModule):
                     f"no {CLASS_NAMES[c]} images in the data set: both classes are needed"
                 )
         wanted = {1: tuple(self.cfg.split.perfusion), 0: tuple(self.cfg.split.ventilation)}
-        splits, counts = self._split(labels, np.asarray(data.patient_ids), wanted, available)
-        if counts != {k: tuple(int(n) for n in v) for k, v in wanted.items()}:
-            log.warning("Split counts fitted to the data available: %s", counts)
+        folds = self.cfg.split.get("folds")
+        if folds is None:
+            splits, counts = self._split(labels, np.asarray(data.patient_ids), wanted, available)
+            if counts != {k: tuple(int(n) for n in v) for k, v in wanted.items()}:
+                log.warning("Split counts fitted to the data available: %s", counts)
+        else:
+            splits, counts = self._cv_split(labels, np.asarray(data.patient_ids), wanted, folds)
         try:
             check_disjoint(splits, np.asarray(data.patient_ids))
         except ValueError as err:
             raise DataSetupError(f"patient leakage between splits: {err}") from None
+        nmi_info = self._align_fallback_to_training(splits)
         self._check_leakage(data.images, splits)
         if data.skipped:
             log.warning(
@@ -210,8 +217,14 @@ class LungScanDataModule(L.LightningDataModule):
             "n_train_balanced": int(len(balanced)),
             "patients_disjoint": True,
             "duplicate_pairs_across_splits": self.summary.get("duplicate_pairs_across_splits", 0),
+            "near_duplicate_pairs_across_splits": self.summary.get(
+                "near_duplicate_pairs_across_splits", 0
+            ),
             "skipped": list(data.skipped),
+            "nmi_reference": nmi_info,
         }
+        if folds is not None:
+            self.summary["cv"] = {"folds": int(folds), "fold": int(self.cfg.split.fold)}
 
     def _split(
         self,
@@ -261,19 +274,166 @@ class LungScanDataModule(L.LightningDataModule):
             f"(train, val, test counts tried: {tried}; set other counts with these keys)"
         ) from None
 
-    def _check_leakage(self, images: np.ndarray, splits: np.ndarray) -> None:
-        pairs = duplicate_content(images, splits)
-        self.summary["duplicate_pairs_across_splits"] = len(pairs)
-        if not pairs:
+    def _align_fallback_to_training(self, splits: np.ndarray) -> dict[str, Any]:
+        """Align the NMI-fallback images to the mean of the centroid-centred *training* images.
+
+        The cached pre-processing aligned them to the mean of the whole cohort's centred images,
+        test images included: no labels, but transductive. Here each is aligned again, from its
+        stored unshifted image (``PreparedData.nmi_moving``), by the same seeded NMI search
+        against a reference built from training images only; its truth masks move by the change
+        of shift. The reference itself is what the checkpoint stores too
+        (:meth:`reference_image`, the mean training image). Returns the record for
+        ``metrics.json`` ``data.nmi_reference``.
+        """
+        from lung_cls.data.preprocess import _to_uint8, nmi_search, resize_batch, translate
+
+        data = self.prepared
+        todo = sorted(i for i in data.nmi_moving if data.info[i].get("method") == "nmi")
+        train = splits == "train"
+        centred = np.array([inf.get("method") == "centroid" for inf in data.info], dtype=bool)
+        ref_idx = np.flatnonzero(train & centred)
+        record: dict[str, Any] = {"source": "train", "n_images": int(ref_idx.size)}
+        record["n_aligned"] = 0
+        if not todo:
+            return record
+        if ref_idx.size == 0:
+            log.warning("No centroid-centred training image: NMI-fallback images keep the shift "
+                        "found against the cohort mean")  # fmt: skip
+            record["source"] = "cohort (no centred training image)"
+            return record
+        c = prep_config(self.cfg.get("preprocess"))
+        size = data.images.shape[-1]
+        mean = data.images[ref_idx].astype(np.float32).mean(axis=0)
+        mean = resize_batch(mean[None], size)[0] if mean.shape[-1] != size else mean
+        subpixel = bool(c["subpixel"])
+        images = np.array(data.images, copy=True)
+        for i in todo:
+            moving = np.asarray(data.nmi_moving[i], dtype=np.float32)
+            rng = np.random.default_rng([int(c["seed"]), i])
+            dy, dx, score, score0 = nmi_search(moving, mean, c, rng)
+            if not subpixel:
+                dy, dx = float(round(dy)), float(round(dx))
+            old = (float(data.info[i]["shift_y"]), float(data.info[i]["shift_x"]))
+            images[i] = _to_uint8(translate(moving, dy, dx, subpixel=subpixel))
+            data.info[i].update(
+                shift_y=dy, shift_x=dx, nmi=round(score, 6), nmi_unshifted=round(score0, 6),
+                nmi_reference="train",
+            )  # fmt: skip
+            self._shift_masks(i, dy - old[0], dx - old[1])
+        data.images = images
+        record["n_aligned"] = len(todo)
+        log.info("%d NMI-fallback image(s) aligned to the mean of %d centred training images",
+                 len(todo), ref_idx.size)  # fmt: skip
+        return record
+
+    def _shift_masks(self, i: int, ddy: float, ddx: float) -> None:
+        """Move image ``i``'s truth masks by the change of its shift (bilinear, >= 0.5)."""
+        from lung_cls.data.masks import PackedMasks
+        from lung_cls.data.preprocess import translate
+
+        masks = self.prepared.masks
+        if not masks or (ddy == 0 and ddx == 0):
             return
+        for name in list(masks):
+            old = np.asarray(masks[name][i], dtype=np.float32)
+            if not old.any():
+                continue
+            new = translate(old, ddy, ddx, subpixel=True) >= 0.5
+            if isinstance(masks, PackedMasks):
+                masks.packed(name)[i] = np.packbits(new, axis=-1)
+                masks._cache.pop(name, None)  # noqa: SLF001 - drop the stale unpacked copy
+            else:
+                masks[name][i] = new
+
+    def _cv_split(
+        self,
+        labels: np.ndarray,
+        patient_ids: np.ndarray,
+        wanted: dict[int, tuple[int, ...]],
+        folds: Any,
+    ) -> tuple[np.ndarray, dict[int, tuple[int, int, int]]]:
+        """Cross-validation (``data.split.folds=K``, ``data.split.fold=k``): fold k of
+        :func:`cv_folds` is the test set; validation comes from the other folds' patients with
+        the configured validation counts (scaled down when the data set is smaller than the
+        configured total), and the rest is training. Every image is tested in exactly one fold.
+        """
+        fold = self.cfg.split.get("fold", 0)
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise DataSetupError(f"data.split.folds must be an integer >= 2 or null, got {folds!r}")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+            raise DataSetupError(
+                f"data.split.fold must be an integer in 0..{folds - 1} (data.split.folds={folds}), "
+                f"got {fold!r}"
+            )
+        seed = int(self.cfg.split_seed)
+        try:
+            fold_of = cv_folds(labels, patient_ids, folds, seed)
+        except ValueError as err:
+            raise DataSetupError(f"cannot make data.split.folds={folds}: {err}") from None
+        test = fold_of == fold
+        rest = np.flatnonzero(~test)
+        counts: dict[int, tuple[int, int, int]] = {}
+        for c in (0, 1):
+            total, n_c = sum(int(v) for v in wanted[c]), int((labels == c).sum())
+            val = int(wanted[c][1]) if total <= n_c else max(1, round(wanted[c][1] * n_c / total))
+            n_rest = int((labels[rest] == c).sum())
+            val = min(val, n_rest - 1)
+            counts[c] = (n_rest - val, val, int((labels[test] == c).sum()))
+        inner = {c: (t, v, 0) for c, (t, v, _) in counts.items()}
+        try:
+            rest_split = grouped_split(labels[rest], patient_ids[rest], inner, seed + 1 + fold)
+        except ValueError:
+            m = min(v for _, v, _ in counts.values())
+            counts = {c: (t + v - m, m, s) for c, (t, v, s) in counts.items()}
+            inner = {c: (t, v, 0) for c, (t, v, _) in counts.items()}
+            try:
+                rest_split = grouped_split(labels[rest], patient_ids[rest], inner, seed + 1 + fold)
+            except ValueError as err:
+                raise DataSetupError(
+                    f"fold {fold} of {folds}: no validation set of whole patients: {err}"
+                ) from None
+        splits = np.full(len(labels), "test", dtype="<U6")
+        splits[rest] = rest_split
+        log.info(
+            "Cross-validation fold %d of %d: test %d images, train/val/test counts per class %s",
+            fold, folds, int(test.sum()), counts,
+        )  # fmt: skip
+        return splits, counts
+
+    def _check_leakage(self, images: np.ndarray, splits: np.ndarray) -> None:
+        """Identical pixels, or near-identical images (correlation >= ``data.leakage_corr``
+        after pre-processing), in two splits: an error, or a warning with ``data.leakage=warn``.
+        """
         mode = str(self.cfg.get("leakage", "error"))
         if mode not in ("error", "warn"):
             raise DataSetupError(f"data.leakage must be 'error' or 'warn', got {mode!r}")
+        corr = self.cfg.get("leakage_corr", 0.999)
+        if isinstance(corr, bool) or not isinstance(corr, int | float) or not 0 < corr <= 1:
+            raise DataSetupError(f"data.leakage_corr must be a number in (0, 1], got {corr!r}")
+        pairs = duplicate_content(images, splits)
+        exact = set(pairs)
+        near = [p for p in near_duplicates(images, splits, float(corr)) if p[:2] not in exact]
+        self.summary["duplicate_pairs_across_splits"] = len(pairs)
+        self.summary["near_duplicate_pairs_across_splits"] = len(near)
         paths = self.prepared.paths
-        shown = ", ".join(
-            f"{paths[i]} ({splits[i]}) = {paths[j]} ({splits[j]})" for i, j in pairs[:5]
-        )
-        msg = f"{len(pairs)} image(s) with identical pixels sit in two splits: {shown}"
+        msgs = []
+        if pairs:
+            shown = ", ".join(
+                f"{paths[i]} ({splits[i]}) = {paths[j]} ({splits[j]})" for i, j in pairs[:5]
+            )
+            msgs.append(f"{len(pairs)} image(s) with identical pixels sit in two splits: {shown}")
+        if near:
+            shown = ", ".join(
+                f"{paths[i]} ({splits[i]}) ~ {paths[j]} ({splits[j]}, r={r:.5f})"
+                for i, j, r in near[:5]
+            )
+            msgs.append(
+                f"{len(near)} pair(s) of near-identical images (pixel correlation >= {corr:g} "
+                f"after pre-processing, data.leakage_corr) sit in two splits: {shown}"
+            )
+        if not msgs:
+            return
+        msg = "; ".join(msgs)
         if mode == "error":
             raise DataSetupError(msg + " (set data.leakage=warn to continue anyway)")
         log.warning(msg)

@@ -70,7 +70,7 @@ PREP_DEFAULTS: dict[str, Any] = {
 }
 """Defaults of every knob (the paper's values where it names one); conf/prep/paper.yaml mirrors it."""
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: NMI-fallback images stored unshifted (nmi_moving)
 
 
 def prep_config(cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -483,6 +483,7 @@ def preprocess_set(
     timings: dict | None = None,
     chunk: int = 64,
     release: bool = False,
+    moving_out: dict[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """The paper's pre-processing of a whole set -> (uint8 (N, S, S), per-image records).
 
@@ -499,7 +500,10 @@ def preprocess_set(
     100 MB per float copy); only the images left for the NMI fallback keep a float copy. The
     result does not depend on ``chunk``. ``release=True`` (``images`` a list holding the only
     references) sets each entry to None once its chunk is resized, so the raw images are freed as
-    the set is processed instead of all at the end.
+    the set is processed instead of all at the end. ``moving_out``: a dict filled with the
+    normalised, not yet shifted image (float32 (S, S), 0..255) of every NMI-fallback image, so a
+    caller can align them again to another reference (the training set's mean,
+    `lung_cls.data.datamodule`).
     """
     c = prep_config(cfg)
     size = int(c["size"])
@@ -554,6 +558,8 @@ def preprocess_set(
             infos.append(info)
         del norm
     t1 = time.perf_counter()
+    if moving_out is not None:
+        moving_out.update({i: m.astype(np.float32) for i, m in todo.items()})
     if todo:
         if n_centred:
             mean = (mean_sum / n_centred).astype(np.float32)
@@ -633,6 +639,9 @@ class PreparedData:
     masks: Mapping[str, np.ndarray] | None = None  # a dict, or PackedMasks from the cache
     skipped: list[str] = field(default_factory=list)
     cache_file: str | None = None
+    # NMI-fallback images before their shift: index -> float32 (S, S), to re-align them to a
+    # training-only reference (the cohort mean they were first aligned to includes test images)
+    nmi_moving: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _code_hash() -> str:
@@ -669,7 +678,10 @@ def save_prepared(data: PreparedData, path: str | os.PathLike) -> None:
         "paths": data.paths,
         "info_json": np.array(json.dumps(data.info)),
         "skipped": np.array(list(data.skipped), dtype=str),
+        "nmi_index": np.array(sorted(data.nmi_moving), dtype=np.int64),
     }
+    if data.nmi_moving:
+        arrays["nmi_moving"] = np.stack([data.nmi_moving[i] for i in sorted(data.nmi_moving)])
     if data.masks:
         arrays["mask_names"] = np.array(sorted(data.masks), dtype=str)
         for name in data.masks:
@@ -698,6 +710,9 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
             masks=masks,
             skipped=[str(s) for s in z["skipped"]],
             cache_file=str(path),
+            nmi_moving=dict(zip(z["nmi_index"].tolist(), z["nmi_moving"], strict=True))
+            if "nmi_moving" in z.files
+            else {},
         )
 
 
@@ -747,7 +762,8 @@ def build_prepared(
     raw = [s.pixels for s in studies]
     for s in studies:
         s.pixels = None  # `raw` holds the only references: freed chunk by chunk below
-    images, infos = preprocess_set(raw, c, release=True)
+    moving: dict[int, np.ndarray] = {}
+    images, infos = preprocess_set(raw, c, release=True, moving_out=moving)
     del raw
     for s, info in zip(studies, infos, strict=True):
         if s.meta.get("duplicate_of"):
@@ -764,6 +780,7 @@ def build_prepared(
         info=infos,
         masks=masks,
         skipped=[str(e) for e in errors],
+        nmi_moving=moving,
     )
 
 

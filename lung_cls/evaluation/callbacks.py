@@ -133,7 +133,7 @@ class RunArtifacts(L.Callback):
         self._log_wandb(trainer, metrics, y_test, test_prob)
 
     def _write_cams(self, pl_module, data, test_idx: np.ndarray, test_prob: np.ndarray) -> None:
-        from lung_cls.evaluation.cam import compute_gradcam, resolve_cam_layer
+        from lung_cls.evaluation.cam import RAW_CAMS_KEY, compute_gradcam, resolve_cam_layer
 
         net = pl_module.model
         labels = np.asarray(data.labels)[test_idx]
@@ -141,12 +141,14 @@ class RunArtifacts(L.Callback):
             torch.from_numpy(np.ascontiguousarray(data.images[test_idx])).unsqueeze(1).float()
             / 255.0
         )
-        cams = compute_gradcam(
+        # Explained for the true class of each image (the paper's figures).
+        cams, raw = compute_gradcam(
             net,
             x.to(pl_module.device),
             targets=[int(v) for v in labels],
             batch_size=self.cam_batch_size,
             layer=resolve_cam_layer(net.net),
+            return_raw=True,
         )
         write_cams(
             self.run_dir,
@@ -156,6 +158,7 @@ class RunArtifacts(L.Callback):
             images=data.images[test_idx],
             probs=test_prob,
             masks={name: masks[test_idx] for name, masks in (data.masks or {}).items()},
+            extra={RAW_CAMS_KEY: raw.astype(np.float32)},
         )
 
     def _log_wandb(self, trainer, metrics: dict, y: np.ndarray, prob: np.ndarray) -> None:

@@ -14,6 +14,9 @@ shows one per new study. Two things make that harder than calling ``pytorch_grad
 Note for the statistics: ``pytorch_grad_cam`` min-max scales every map *per image* to [0, 1]. A CAM
 value is therefore relative to the strongest location in the same image; averages and pixel-wise
 tests over images compare these relative maps, not absolute gradient magnitudes.
+``compute_gradcam(..., return_raw=True)`` also gives the raw maps (before that library's ReLU and
+min-max scaling, bilinearly resized to the input), which runs store as ``cams_raw``
+(:data:`RAW_CAMS_KEY`) in ``cams.npz`` so the report can test either (``cam_scale=raw|minmax``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,30 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compute_gradcam", "resolve_cam_layer"]
+__all__ = ["RAW_CAMS_KEY", "compute_gradcam", "resolve_cam_layer"]
+
+#: ``cams.npz`` array of the raw Grad-CAMs: float32 (N, H, W), sum_k w_k A_k before any ReLU or
+#: scaling, resized to the input (the report reads it under the same name).
+RAW_CAMS_KEY = "cams_raw"
+
+
+def _raw_gradcam_class(base: type) -> type:
+    """``GradCAM`` that also keeps each batch's raw map (``get_cam_image``'s output)."""
+
+    class RawGradCAM(base):  # type: ignore[misc, valid-type]
+        def get_cam_image(self, *args: Any, **kwargs: Any) -> np.ndarray:
+            cam = super().get_cam_image(*args, **kwargs)
+            self.raw_maps.append(np.asarray(cam, dtype=np.float32))
+            return cam
+
+    return RawGradCAM
+
+
+def _resize_maps(maps: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(N, h', w') -> (N, H, W) bilinear, as pytorch-grad-cam resizes its scaled maps."""
+    import cv2
+
+    return np.stack([cv2.resize(np.float32(m), (w, h)) for m in maps]).astype(np.float32)
 
 
 class _ProbeDone(Exception):
@@ -193,7 +219,8 @@ def compute_gradcam(
     targets: Sequence[int],
     batch_size: int = 16,
     layer: nn.Module | None = None,
-) -> np.ndarray:
+    return_raw: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps of ``inputs`` for the given target class of each image.
 
     ``inputs`` are the network's own (normalised) inputs ``(N, C, H, W)``; any memory format. Each
@@ -208,7 +235,8 @@ def compute_gradcam(
 
     Returns:
         float32 ``(N, H, W)`` in [0, 1]. ``pytorch_grad_cam`` min-max scales each map per image, so
-        values are relative to the image's own maximum.
+        values are relative to the image's own maximum. With ``return_raw`` a pair
+        ``(scaled, raw)``, ``raw`` the float32 ``(N, H, W)`` maps before ReLU and scaling.
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -224,7 +252,8 @@ def compute_gradcam(
         raise ValueError(f"compute_gradcam: batch_size must be >= 1, got {batch_size}")
     h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
     if n == 0:
-        return np.zeros((0, h, w), dtype=np.float32)
+        empty = np.zeros((0, h, w), dtype=np.float32)
+        return (empty, empty.copy()) if return_raw else empty
 
     params = list(net.parameters())
     if not params:
@@ -234,6 +263,8 @@ def compute_gradcam(
     saved_flags = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
     maps: list[np.ndarray] = []
+    raws: list[np.ndarray] = []
+    cam_class = _raw_gradcam_class(GradCAM) if return_raw else GradCAM
     try:
         with (
             torch.inference_mode(False),
@@ -251,7 +282,8 @@ def compute_gradcam(
                 x_all = x_all.to(device=device, dtype=dtype)
             else:
                 x_all = x_all.to(device=device, dtype=torch.float32)
-            with GradCAM(model=net, target_layers=[layer]) as cam:
+            with cam_class(model=net, target_layers=[layer]) as cam:
+                cam.raw_maps = raws
                 for start in range(0, n, batch_size):
                     xb = x_all[start : start + batch_size].detach().requires_grad_(True)
                     tb = [
@@ -273,4 +305,8 @@ def compute_gradcam(
         raise RuntimeError(f"Grad-CAM returned {sum(len(m) for m in maps)} maps for {n} images")
     result = np.concatenate(maps, axis=0)
     np.nan_to_num(result, copy=False, nan=0.0)
-    return np.clip(result, 0.0, 1.0).astype(np.float32, copy=False)
+    result = np.clip(result, 0.0, 1.0).astype(np.float32, copy=False)
+    if not return_raw:
+        return result
+    raw = _resize_maps(np.concatenate(raws, axis=0), h, w)
+    return result, np.nan_to_num(raw, copy=False, nan=0.0, posinf=0.0, neginf=0.0)

@@ -9,6 +9,12 @@ Two families of questions:
   (:func:`permutation_maxT`), which respects the strong spatial correlation of CAM pixels.
   Note: pytorch-grad-cam min-max scales each CAM to [0, 1] per image, so these tests compare
   *relative* spatial patterns of attention, not absolute activation strength.
+* **What is the unit?** The seeds of a sweep share one split, so every test image is scored and
+  mapped once per seed. Those maps are not independent samples: :func:`image_means` averages
+  each image's maps over the seeds that tested it, and the pixel-wise tests (and the max-T
+  permutations, which then shuffle whole images) run on one map per image.
+  :func:`cluster_bootstrap_ci` gives pooled-prediction CIs that resample images (or patients,
+  when a patient holds several test images) with all their seed rows, stratified by class.
 * **Is model A better than model B on the same test images?** DeLong's test for two correlated
   AUCs (:func:`delong_test`), McNemar's test for paired correct/wrong decisions
   (:func:`mcnemar_test`), and Holm's step-down adjustment (:func:`holm`) for the family of
@@ -250,6 +256,145 @@ def significant_fractions(
         if pf.size != m:
             raise ValueError(f"p_fwer has {pf.size} values but p has {m}")
         out["maxT"] = float(np.mean(pf <= alpha))
+    return out
+
+
+# --------------------------------------------------------------------------- the unit: images
+def image_means(
+    maps: Any, labels: Any, ids: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One map per image: the mean of its maps over the seeds (rows) that share its id.
+
+    ``maps`` (N, ...) with ``labels`` (N,) and ``ids`` (N,) per map. Returns ``(means, labels,
+    unique_ids, n_maps)``, sorted by id; ``n_maps`` says how many rows each image pooled. An id
+    whose rows carry different labels is a ``ValueError`` naming it (two images under one id).
+    """
+    x = np.asarray(maps, dtype=np.float64)
+    lab = np.asarray(labels)
+    key = np.asarray(ids).astype(str)
+    if not (x.shape[0] == lab.shape[0] == key.shape[0]):
+        raise ValueError(
+            f"maps, labels and ids differ in length: {x.shape[0]}, {lab.shape[0]}, {key.shape[0]}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("image_means got no maps")
+    uniq, inv = np.unique(key, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    n_maps = np.bincount(inv, minlength=uniq.size)
+    starts = np.r_[0, np.cumsum(n_maps)[:-1]]
+    sums = np.add.reduceat(x[order], starts, axis=0)
+    means = sums / n_maps.reshape((-1,) + (1,) * (x.ndim - 1))
+    lab_sorted = lab[order]
+    first = lab_sorted[starts]
+    bad = np.flatnonzero(
+        np.minimum.reduceat(lab_sorted, starts) != np.maximum.reduceat(lab_sorted, starts)
+    )
+    if bad.size:
+        raise ValueError(
+            f"image id {str(uniq[bad[0]])!r} carries different labels in different runs"
+        )
+    return means, first, uniq, n_maps
+
+
+def _cluster_strata(
+    y: np.ndarray, clusters: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Clusters as (unique ids, row -> cluster index, strata = arrays of cluster indices).
+
+    A cluster's stratum is the set of classes among its rows (perfusion only, ventilation only,
+    or both for a patient with a V/Q pair), so resampling within strata keeps the class mix.
+    """
+    uniq, inv = np.unique(clusters, return_inverse=True)
+    has = np.zeros((uniq.size, 2), dtype=bool)
+    has[inv, y] = True
+    code = has[:, 0] * 1 + has[:, 1] * 2
+    strata = [np.flatnonzero(code == c) for c in (1, 2, 3) if (code == c).any()]
+    return uniq, inv, strata
+
+
+def cluster_bootstrap_ci(
+    y_true: Any,
+    prob: Any,
+    clusters: Any,
+    *,
+    pred: Any | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    threshold: float = 0.5,
+    stratified: bool = True,
+    return_samples: bool = False,
+) -> dict[str, Any]:
+    """Percentile bootstrap CIs of pooled metrics that resample clusters, not rows.
+
+    ``clusters`` names the unit of each row: the image id (rows of the same image from several
+    seeds are one cluster) or the patient id (when patients hold several test images). Each
+    resample draws clusters with replacement - within each class stratum when ``stratified``
+    (see :func:`_cluster_strata`) - and scores all rows of the drawn clusters, each as often as
+    its cluster was drawn. The point estimate (all rows once) is unchanged; only the interval
+    now reflects how many independent units there are: 5 identical copies of one run give the
+    interval of one run, not one sqrt(5) narrower.
+
+    Metrics: ``acc, sensitivity, specificity, f1, ppv, npv, auc`` (Mann-Whitney AUC over rows,
+    ties 1/2), with ``pred`` the given predictions or ``prob >= threshold``. Returns
+    ``{metric: [lo, hi]}`` at level ``1 - alpha``, ``n_clusters``, and with ``return_samples``
+    the resampled values under ``samples``. Undefined resamples (nan) are left out.
+    """
+    y = np.asarray(y_true)
+    s = np.asarray(prob, dtype=np.float64)
+    g = np.asarray(clusters).astype(str)
+    if y.ndim != 1 or not np.all(np.isin(y, (0, 1))):
+        raise ValueError("y_true must be a 1-D array of 0/1 labels")
+    y = y.astype(np.int64)
+    if s.shape != y.shape or g.shape != y.shape:
+        raise ValueError(f"prob {s.shape} and clusters {g.shape} must match y_true {y.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("prob contains nan or inf")
+    yhat = (s >= threshold) if pred is None else (np.asarray(pred) == 1)
+    if yhat.shape != y.shape:
+        raise ValueError(f"pred has shape {yhat.shape}, labels {y.shape}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    uniq, inv, strata = _cluster_strata(y, g)
+    if not stratified:
+        strata = [np.arange(uniq.size)]
+    rng = np.random.default_rng(seed)
+    # counts[b, c]: how often cluster c is drawn in resample b.
+    counts = np.zeros((n_boot, uniq.size))
+    for members in strata:
+        draws = members[rng.integers(0, members.size, size=(n_boot, members.size))]
+        flat = (draws + uniq.size * np.arange(n_boot)[:, None]).ravel()
+        counts += np.bincount(flat, minlength=n_boot * uniq.size).reshape(n_boot, uniq.size)
+    w = counts[:, inv]  # (B, rows): weight of each row
+    pos = y == 1
+    tp = w @ (pos & yhat).astype(float)
+    fn = w @ (pos & ~yhat).astype(float)
+    fp = w @ (~pos & yhat).astype(float)
+    tn = w @ (~pos & ~yhat).astype(float)
+    sp, sn = s[pos], s[~pos]
+    # Pairwise comparison of every positive row with every negative row (ties 1/2).
+    cmp = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])
+    wp, wn = w[:, pos], w[:, ~pos]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        samples = {
+            "acc": (tp + tn) / (tp + tn + fp + fn),
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+            "auc": np.sum((wp @ cmp) * wn, axis=1) / (wp.sum(axis=1) * wn.sum(axis=1)),
+        }
+    q = [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)]
+    out: dict[str, Any] = {}
+    for key, vals in samples.items():
+        ok = np.isfinite(vals)
+        out[key] = [float(v) for v in np.percentile(vals[ok], q)] if ok.any() else [math.nan] * 2
+    out["n_clusters"] = int(uniq.size)
+    if return_samples:
+        out["samples"] = samples
     return out
 
 

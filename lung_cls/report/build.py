@@ -40,7 +40,7 @@ from lung_cls.report.discover import (
     missing_jobs,
     runs_by_model,
 )
-from lung_cls.report.settings import Settings
+from lung_cls.report.settings import Settings, load_cam_mask
 from lung_cls.report.tables import RunsByModel
 from lung_cls.report.wandb_log import log_to_wandb, want_wandb
 
@@ -61,6 +61,7 @@ class _Report:
     sections: list[render.Section] = field(default_factory=list)
     figures: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    cam_mask: Any = "auto"  # settings.cam_mask as cams.body_mask takes it (a file: its array)
 
 
 def build_report(
@@ -73,6 +74,9 @@ def build_report(
     *,
     alpha: float = 0.05,
     equal_var: bool = True,
+    cam_scale: str = "minmax",
+    cam_mask: str = "auto",
+    cam_mask_threshold: float = 0.1,
 ) -> Path:
     """Write the sweep report into ``out_dir`` (default ``<sweep_dir>/report``); return that dir.
 
@@ -84,13 +88,20 @@ def build_report(
         log_wandb: log figures and tables to W&B; None = when the runs used W&B and it is installed.
         alpha: significance level of the pixel-wise tests.
         equal_var: Student's pooled-variance t-test (paper); False for Welch's test.
+        cam_scale: ``minmax`` tests the per-image scaled CAMs (paper), ``raw`` the raw ones.
+        cam_mask: pixels tested: ``auto`` (body), ``none`` (all) or a ``.npy`` bool mask file.
+        cam_mask_threshold: ``auto`` without truth masks: mean image >= this x its maximum.
 
     Raises:
         SweepNotFoundError: ``sweep_dir`` does not exist or holds no run dir (a ``UserError``
             and a ``FileNotFoundError``).
     """
-    settings = Settings(n_boot, n_perm, seed, alpha, equal_var)
+    settings = Settings(
+        n_boot, n_perm, seed, alpha, equal_var, cam_scale, cam_mask, cam_mask_threshold
+    )
+    mask = load_cam_mask(cam_mask)  # a bad mask file stops here, before any work
     rep = _start(sweep_dir, out_dir, settings)
+    rep.cam_mask = mask
     by_model = runs_by_model(rep.runs, rep.notes)
     _add_table1(rep, by_model)
     _add_roc(rep, by_model)
@@ -204,9 +215,13 @@ def _add_average_cams(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) ->
 
 
 def _add_cam_statistics(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) -> None:
-    """Fig. 3: difference maps and pixel-wise tests (uncorrected, FDR, max-T)."""
+    """Fig. 3: difference maps and pixel-wise tests (uncorrected, FDR, max-T), one map per test
+    image, at the pixels of the body mask; the number of tests goes into report.json."""
     s = rep.settings
-    maps, info = cams.all_cam_statistics(model_cams, s.n_perm, s.seed, s.alpha, s.equal_var)
+    maps, info = cams.all_cam_statistics(
+        model_cams, s.n_perm, s.seed, s.alpha, s.equal_var,
+        scale=s.cam_scale, mask=rep.cam_mask, mask_threshold=s.cam_mask_threshold,
+    )  # fmt: skip
     rep.data["cam_statistics"] = info
     figure = None
     if maps:

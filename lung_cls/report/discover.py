@@ -321,6 +321,8 @@ def runs_by_model(runs: Sequence[RunRecord], notes: list[str]) -> dict[str, list
     }
     for m, rs in grouped.items():
         seeds = [r.seed for r in rs]
-        if len(set(seeds)) != len(seeds):
+        # Cross-validation folds (data.split.fold) of one seed are different test sets, not re-runs.
+        keys = [(r.seed, r.overrides.get("data.split.fold")) for r in rs]
+        if len(set(keys)) != len(keys):
             notes.append(f"{m}: several runs share a seed ({seeds}); all are counted")
     return grouped

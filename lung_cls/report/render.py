@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 #: One part of report.html: its heading and its HTML body.
 Section = tuple[str, str]
 
-_POOLED_CAVEAT = "The same test image appears once per seed, so pooled rows are not independent."
+_POOLED_CAVEAT = (
+    "The same test image appears once per seed, so the rows are not independent: the CIs "
+    "resample images (patients where a patient holds several test images) with all their rows."
+)
 
 
 # --------------------------------------------------------------------------- files
@@ -54,7 +57,7 @@ def write_table1(
         out / "table1.md",
         "# Table 1: test metrics, mean ± SD over seeds, next to the paper's values (mean of 5)\n\n"
         + df_to_markdown(shown)
-        + f"\n## Pooled over seeds, with stratified bootstrap 95% CI ({n_boot} resamples)\n\n"
+        + f"\n## Pooled over seeds, with image-level stratified bootstrap 95% CI ({n_boot} resamples)\n\n"
         + f"{_POOLED_CAVEAT}\n\n"
         + df_to_markdown(pooled),
     )
@@ -118,7 +121,7 @@ def table1_section(
     return (
         "Table 1: test metrics (mean ± SD over seeds) vs the paper",
         html_table(shown)
-        + f"<h3>Pooled over seeds, stratified bootstrap 95% CI ({n_boot} resamples)</h3>"
+        + f"<h3>Pooled over seeds, image-level stratified bootstrap 95% CI ({n_boot} resamples)</h3>"
         + f"<p class='note'>{_POOLED_CAVEAT}</p>"
         + html_table(pooled)
         + "<h3>Confusion matrices summed over seeds (perfusion positive)</h3>"
@@ -221,11 +224,11 @@ def _methods_html(settings: Settings) -> str:
     items = [
         "Perfusion is the positive class (label 1), ventilation the negative (label 0); a prediction is perfusion when p(perfusion) &ge; 0.5 (the run's own argmax, as stored in predictions.csv).",
         "Table 1: accuracy, F1, sensitivity, specificity and AUC are recomputed per run from the test rows of predictions.csv (metrics.json when that file is missing), then summarised as mean &plusmn; sample SD (ddof = 1) over seeds; SD is '-' for a single run. The paper's numbers are means of 5 repetitions.",
-        f"Pooled metrics: the test predictions of all seeds are concatenated and scored once; 95% CIs are percentile bootstrap intervals with {n_boot} resamples, stratified by class (seed {seed}). The same test image appears once per seed, so the pooled rows are not independent and these intervals are narrower than intervals over distinct images would be.",
+        f"Pooled metrics: the test predictions of all seeds are concatenated and scored once; 95% CIs are percentile bootstrap intervals with {n_boot} resamples (seed {seed}) whose unit is the test image: each resample draws images with replacement, within their class, and scores all seed rows of each drawn image. Where a patient holds more than one test image the unit is the patient (report.json: table1.&lt;model&gt;.pooled.ci_unit, n_units). The point estimate is the pooled one; the interval reflects the number of distinct images, not of rows.",
         "ROC: one thin curve per seed; the thick curve and 'pooled' AUC use the pooled predictions; the legend's AUC is mean &plusmn; SD over seeds (Mann-Whitney AUC, ties count 1/2).",
-        "CAMs: Grad-CAM (pytorch-grad-cam) on the layer named by timm's feature_info[-1], explained for the true class of each test image, no test-time augmentation. Grad-CAM min-max scales every map per image to [0, 1], so all CAM statistics compare relative spatial patterns, not absolute activation strength.",
+        "CAMs: Grad-CAM (pytorch-grad-cam) on the layer named by timm's feature_info[-1], explained for the true class of each test image, no test-time augmentation. Grad-CAM min-max scales every map per image to [0, 1], so statistics on those maps compare relative spatial patterns, not absolute activation strength; runs also keep the raw maps (before that ReLU and scaling) in cams.npz.",
         "Fig. 2: per-class average of the unique test images; per model, the per-class average of the CAMs pooled over seeds.",
-        f"Fig. 3: difference = mean ventilation CAM &minus; mean perfusion CAM (red: perfusion higher, blue: ventilation higher). Pixel-wise {ttest} two-sample t-test of perfusion vs ventilation CAMs, pooled over seeds as in the paper (the same image enters once per seed, so the maps are not independent samples). Significant pixels at p &lt; {alpha:g}: uncorrected (the paper's rule), Benjamini-Hochberg FDR (q &le; {alpha:g}), and family-wise error control by Westfall-Young max-|t| permutations ({n_perm} label shuffles, seed {seed}).",
+        f"Fig. 3: difference = mean ventilation CAM &minus; mean perfusion CAM (red: perfusion higher, blue: ventilation higher). Pixel-wise {ttest} two-sample t-test of perfusion vs ventilation CAMs with the test image as the unit: each image's CAMs are first averaged over the seeds that tested it (the paper pooled the seeds' maps as if independent, which overstates the evidence); the permutations shuffle the class labels of whole images. Significant pixels at p &lt; {alpha:g}: uncorrected (the paper's rule), Benjamini-Hochberg FDR (q &le; {alpha:g}), and family-wise error control by Westfall-Young max-|t| permutations ({n_perm} label shuffles, seed {seed}). CAMs tested: {settings.cam_scale} ({'raw maps before ReLU and min-max' if settings.cam_scale == 'raw' else 'per-image min-max scaled, as in the paper'}). Only pixels inside the body mask are tested (cam_mask={html.escape(str(settings.cam_mask))}: the phantom's lungs and neck truth masks, else the mean test image above {settings.cam_mask_threshold:g} x its maximum), so background pixels add no tests; report.json gives the mask and the number of tests (n_tests) per model.",
         "Model comparison: per test image id, the probability is averaged over seeds and the prediction is the majority vote of the seeds (ties: mean probability &ge; 0.5). Models are paired on the same ids. AUCs are compared with DeLong's test for correlated ROC curves; errors with McNemar's test (exact binomial when fewer than 25 discordant images, else continuity-corrected chi-square). p-values are Holm-adjusted over all model pairs, separately for DeLong and McNemar.",
         "CAM vs truth (phantom data only): share of each CAM's total value inside the class's discriminative masks (ventilation: trachea, hot spots, and oropharynx/esophagus/stomach where drawn; perfusion: heart and lungs) against chance (the masks' area fraction), and the pointing-game hit rate (CAM peak inside the mask) against its chance level.",
     ]

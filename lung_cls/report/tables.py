@@ -61,14 +61,34 @@ def seed_summary(runs: Sequence[RunRecord]) -> dict[str, tuple[float, float]]:
     return summarise_seeds(per_run)
 
 
-def pooled_metrics(runs: Sequence[RunRecord], n_boot: int, seed: int) -> dict[str, Any]:
-    """The test predictions of all seeds concatenated and scored once, with stratified bootstrap
-    95% CIs (``ci95``) when both classes are present; {} when no run has per-image predictions.
+def inference_unit(df: pd.DataFrame) -> tuple[str, np.ndarray]:
+    """The independent unit of pooled test rows and each row's cluster: ``("patient", ids)`` when
+    some patient holds more than one distinct test image, else ``("image", ids)``.
 
-    The same test image appears once per seed, so the rows are not independent; ``n_unique_images``
-    says how many distinct images there are.
+    Seeds of one split test the same images, so an image's rows are never independent of each
+    other; a patient's V and Q images are not independent either.
     """
-    from lung_cls.evaluation.metrics import binary_metrics, bootstrap_ci
+    ids = df["id"].astype(str).to_numpy()
+    if "patient_id" in df.columns and df["patient_id"].notna().all():
+        per_patient = df.groupby(df["patient_id"].astype(str))["id"].nunique()
+        if (per_patient > 1).any():
+            return "patient", df["patient_id"].astype(str).to_numpy()
+    return "image", ids
+
+
+def pooled_metrics(runs: Sequence[RunRecord], n_boot: int, seed: int) -> dict[str, Any]:
+    """The test predictions of all seeds concatenated and scored once, with 95% CIs (``ci95``)
+    from a bootstrap that resamples images - or patients, when a patient holds several test
+    images - with all their seed rows, stratified by class (:func:`cluster_bootstrap_ci`);
+    {} when no run has per-image predictions.
+
+    ``ci_unit`` names the unit, ``n_units`` how many there are, ``n_unique_images`` how many
+    distinct images; ``n`` counts rows (images x seeds). Under cross-validation
+    (``data.split.fold`` swept) the folds' test rows are pooled the same way, so every image
+    counts once per seed, and ``n_folds`` says how many folds there were.
+    """
+    from lung_cls.evaluation.metrics import binary_metrics
+    from lung_cls.evaluation.stats import cluster_bootstrap_ci
 
     pooled_runs = [r for r in runs if r.test is not None]
     if not pooled_runs:
@@ -76,11 +96,19 @@ def pooled_metrics(runs: Sequence[RunRecord], n_boot: int, seed: int) -> dict[st
     df = pd.concat([r.test for r in pooled_runs], ignore_index=True)
     y = df["label"].to_numpy()
     p = df["prob_perfusion"].to_numpy()
-    pooled = binary_metrics(y, p, pred=df["pred"].to_numpy())
+    pred = df["pred"].to_numpy()
+    pooled = binary_metrics(y, p, pred=pred)
+    unit, clusters = inference_unit(df)
     if len(np.unique(y)) == 2 and n_boot > 0:
-        pooled["ci95"] = bootstrap_ci(y, p, n_boot=n_boot, seed=seed, stratified=True)
+        ci = cluster_bootstrap_ci(y, p, clusters, pred=pred, n_boot=n_boot, seed=seed)
+        pooled["ci95"] = {k: v for k, v in ci.items() if k != "n_clusters"}
+    pooled["ci_unit"] = unit
+    pooled["n_units"] = int(len(np.unique(clusters)))
     pooled["n_runs"] = len(pooled_runs)
     pooled["n_unique_images"] = int(df["id"].nunique())
+    folds = {r.overrides.get("data.split.fold") for r in pooled_runs} - {None}
+    if folds:  # cross-validation: the folds' test sets together hold every image once
+        pooled["n_folds"] = len(folds)
     return pooled
 
 
@@ -398,13 +426,17 @@ def comparison_display(cmp: pd.DataFrame) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- CAMs
 def cam_statistics_table(stat_info: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """Per model: CAMs per class and the share of significant pixels under each correction."""
+    """Per model: test images (the unit) per class, CAM maps pooled into them, and the share of
+    significant pixels under each correction."""
     return pd.DataFrame(
         [
             {
                 "model": m,
-                "perfusion CAMs": i["n_perfusion"],
-                "ventilation CAMs": i["n_ventilation"],
+                "perfusion images": i["n_perfusion"],
+                "ventilation images": i["n_ventilation"],
+                "maps (images x seeds)": i.get("n_maps", "-"),
+                "pixels tested": i.get("n_tests", "-"),
+                "CAM scale": i.get("cam_scale", "-"),
                 **{
                     f"significant {k}": f"{100 * v:.1f}%"
                     for k, v in (i.get("significant_fraction") or {}).items()

@@ -216,3 +216,55 @@ def test_duplicate_content_finds_cross_split_copies():
     splits = np.asarray(["train", "train", "val", "test", "unused", "train"])
     assert duplicate_content(images, splits) == [(0, 3)]
     assert (2, 4) in duplicate_content(images, splits, ignore=())
+
+
+def test_near_duplicates_catch_what_bytes_miss():
+    """A copy one grey level brighter, or with a little noise, is the same image; two different
+    noisy images of one smooth pattern are not (correlation below 0.999)."""
+    from lung_cls.data.split import near_duplicates
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    base = 120 + 100 * np.exp(-((yy - 16) ** 2 + (xx - 12) ** 2) / 60.0)
+    images = np.stack([np.clip(base + rng.normal(0, 12, base.shape), 0, 250) for _ in range(5)])
+    images[1] = images[0] + 1  # shifted by one grey level: not byte-identical
+    images[3] = images[2] + rng.normal(0, 0.5, base.shape)  # re-encoded with a little noise
+    images = images.astype(np.uint8)
+    splits = np.asarray(["train", "test", "train", "val", "test"])
+    assert duplicate_content(images, splits) == []
+    pairs = near_duplicates(images, splits)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1), (2, 3)]
+    assert all(r >= 0.999 for *_, r in pairs)
+    # the independent noisy images of one pattern correlate, but stay below the threshold
+    full = np.corrcoef(images.reshape(5, -1).astype(float))
+    assert 0.5 < full[0, 4] < 0.999
+    assert near_duplicates(images, np.asarray(["train"] * 5)) == []  # one split: no leakage
+    assert near_duplicates(images, splits, threshold=0.4)  # a loose threshold flags more
+    with pytest.raises(ValueError, match="threshold"):
+        near_duplicates(images, splits, threshold=0.0)
+
+
+def test_cv_folds_group_patients_stratify_classes_and_cover_every_image_once():
+    from lung_cls.data.split import cv_folds
+
+    rng = np.random.default_rng(3)
+    # 30 V/Q pairs, 40 lone perfusion patients, 6 lone ventilation patients
+    groups = [f"vq{i}" for i in range(30) for _ in (0, 1)]
+    labels = [c for _ in range(30) for c in (1, 0)]
+    groups += [f"p{i}" for i in range(40)] + [f"v{i}" for i in range(6)]
+    labels += [1] * 40 + [0] * 6
+    order = rng.permutation(len(labels))
+    groups, labels = np.asarray(groups)[order], np.asarray(labels)[order]
+    fold = cv_folds(labels, groups, 5, seed=0)
+    assert set(fold.tolist()) == set(range(5))
+    for g in np.unique(groups):  # a patient's images share one fold
+        assert len(set(fold[groups == g].tolist())) == 1
+    for c, n in ((1, 70), (0, 36)):
+        per_fold = np.bincount(fold[labels == c], minlength=5)
+        assert per_fold.sum() == n and per_fold.max() - per_fold.min() <= 2, (c, per_fold)
+    assert np.array_equal(fold, cv_folds(labels, groups, 5, seed=0))  # seeded
+    assert not np.array_equal(fold, cv_folds(labels, groups, 5, seed=1))
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        cv_folds(labels, groups, 1, seed=0)
+    with pytest.raises(ValueError, match="only 36 patient"):
+        cv_folds(labels, groups, 40, seed=0)

@@ -157,3 +157,63 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         compute_gradcam(net, torch.randn(3, 32, 32), [1, 0, 1])
     assert compute_gradcam(net, torch.randn(0, 3, 32, 32), []).shape == (0, 32, 32)
+
+
+def test_gradcam_raw_maps_are_the_unscaled_weighted_activations(
+    paper_nets: dict[str, nn.Module],
+) -> None:
+    """``return_raw``: sum_k mean(dY/dA_k) A_k before ReLU and min-max, upsampled; the scaled
+    maps are unchanged by asking for it."""
+    net = paper_nets["resnet18"].eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    targets = [0, 1]
+    scaled, raw = compute_gradcam(net, x, targets, return_raw=True)
+    assert np.array_equal(scaled, compute_gradcam(net, x, targets))
+    store: dict[str, torch.Tensor] = {}
+    handle = net.layer4.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    try:
+        logits = net(x.clone().requires_grad_(True))
+        score = logits[torch.arange(2), torch.tensor(targets)].sum()
+        (grad,) = torch.autograd.grad(score, store["a"])
+    finally:
+        handle.remove()
+    ref = (grad.mean(dim=(2, 3), keepdim=True) * store["a"]).sum(dim=1, keepdim=True)
+    up = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    up = up.detach().numpy()
+    assert raw.shape == (2, 64, 64) and raw.dtype == np.float32
+    assert np.allclose(raw, up, atol=1e-4 * max(1.0, float(np.abs(up).max())))
+    assert raw.min() < 0 < raw.max()  # unlike the scaled maps, raw keeps sign and magnitude
+
+
+def test_run_artifacts_explain_the_true_class_and_keep_raw_cams(tmp_path, monkeypatch) -> None:
+    """The CAM of each test image is computed for its true label, never the other class, and
+    cams.npz holds the raw maps beside the scaled ones."""
+    from types import SimpleNamespace
+
+    import lung_cls.evaluation.cam as cam_mod
+    from lung_cls.evaluation.callbacks import RunArtifacts
+    from lung_cls.runs import read_cams
+
+    seen: dict[str, list[int]] = {}
+
+    def fake(net, x, targets, batch_size=16, layer=None, return_raw=False):
+        seen["targets"] = [int(t) for t in targets]
+        scaled = np.full((len(targets), 8, 8), 0.5, np.float32)
+        return (scaled, scaled * 0 - 2.0) if return_raw else scaled
+
+    monkeypatch.setattr(cam_mod, "compute_gradcam", fake)
+    monkeypatch.setattr(cam_mod, "resolve_cam_layer", lambda net: None)
+    data = SimpleNamespace(
+        labels=np.array([1, 0, 1, 0]),
+        images=np.zeros((4, 8, 8), np.uint8),
+        ids=np.array(list("abcd")),
+        masks=None,
+    )
+    module = SimpleNamespace(model=SimpleNamespace(net=None), device="cpu")
+    RunArtifacts(str(tmp_path), {})._write_cams(
+        module, data, np.array([2, 1, 0, 3]), np.array([0.9, 0.2, 0.8, 0.4])
+    )
+    assert seen["targets"] == [1, 0, 1, 0]
+    arrays = read_cams(tmp_path)
+    assert arrays["labels"].tolist() == [1, 0, 1, 0]
+    assert np.all(arrays[cam_mod.RAW_CAMS_KEY] == -2.0)

@@ -11,11 +11,14 @@ from scipy import stats as sps
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
+from lung_cls.evaluation.metrics import binary_metrics
 from lung_cls.evaluation.stats import (
+    cluster_bootstrap_ci,
     delong_ci,
     delong_test,
     fdr_bh,
     holm,
+    image_means,
     mcnemar_test,
     permutation_maxT,
     pixelwise_ttest,
@@ -316,3 +319,133 @@ def test_holm_hand_checked() -> None:
     np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
     np.testing.assert_allclose(holm([0.5, 0.9]), [1.0, 1.0])
     assert holm([]).size == 0
+
+
+# --------------------------------------------------------------------------- the unit: images
+def test_image_means_averages_each_images_seeds() -> None:
+    maps = np.arange(5 * 2 * 2, dtype=float).reshape(5, 2, 2)
+    means, labels, ids, n = image_means(maps, [1, 0, 1, 0, 1], ["b", "a", "b", "a", "c"])
+    assert ids.tolist() == ["a", "b", "c"] and labels.tolist() == [0, 1, 1]
+    assert n.tolist() == [2, 2, 1]
+    np.testing.assert_allclose(means[0], (maps[1] + maps[3]) / 2)
+    np.testing.assert_allclose(means[1], (maps[0] + maps[2]) / 2)
+    np.testing.assert_allclose(means[2], maps[4])
+    with pytest.raises(ValueError, match="'a' carries different labels"):
+        image_means(maps[:2], [0, 1], ["a", "a"])
+
+
+def _null_sweep(rng: np.random.Generator, n_img: int = 24, n_seeds: int = 5, size: int = 8):
+    """A sweep under the null: each image has its own CAM pattern, which every seed repeats up
+    to seed noise; the class label has nothing to do with the maps."""
+    pattern = np.stack([gaussian_filter(rng.normal(size=(size, size)), 1.0) for _ in range(n_img)])
+    labels = np.r_[np.ones(n_img // 2, int), np.zeros(n_img - n_img // 2, int)]
+    maps = np.concatenate([pattern + 0.05 * rng.normal(size=pattern.shape) for _ in range(n_seeds)])
+    ids = np.tile(np.arange(n_img).astype(str), n_seeds)
+    return maps, np.tile(labels, n_seeds), ids
+
+
+def test_null_simulation_image_level_tests_hold_their_level() -> None:
+    """Issue 13's simulation: pooling the 5 seed maps of each image as if independent makes most
+    repetitions find FWER-significant pixels; one mean map per image keeps the FWER near 5 %."""
+    rng = np.random.default_rng(13)
+    reps, hits_image, hits_pooled, uncorrected = 40, 0, 0, []
+    for r in range(reps):
+        maps, labels, ids = _null_sweep(rng)
+        means, lab, _, _ = image_means(maps, labels, ids)
+        mask, _ = permutation_maxT(means[lab == 1], means[lab == 0], n_perm=199, seed=r)
+        hits_image += bool(mask.any())
+        _, p = pixelwise_ttest(means[lab == 1], means[lab == 0])
+        uncorrected.append(np.mean(p < 0.05))
+        pooled, _ = permutation_maxT(maps[labels == 1], maps[labels == 0], n_perm=199, seed=r)
+        hits_pooled += bool(pooled.any())
+    # Binomial(40, 0.05): P(X >= 6) is about 1.4 %.
+    assert hits_image / reps <= 0.125
+    assert 0.02 <= np.mean(uncorrected) <= 0.09
+    assert hits_pooled / reps >= 0.5  # the old unit fails this simulation
+
+
+def _rows(rng: np.random.Generator, n_img: int = 60, n_seeds: int = 1):
+    y = np.r_[np.ones(n_img // 2, int), np.zeros(n_img // 2, int)]
+    prob = np.clip(0.5 + 0.35 * (2 * y - 1) + 0.3 * rng.normal(size=n_img), 0, 1)
+    ids = np.array([f"img{i}" for i in range(n_img)])
+    return np.tile(y, n_seeds), np.tile(prob, n_seeds), np.tile(ids, n_seeds)
+
+
+def test_cluster_bootstrap_of_identical_runs_is_as_wide_as_one_run() -> None:
+    y1, p1, g1 = _rows(np.random.default_rng(0))
+    one = cluster_bootstrap_ci(y1, p1, g1, n_boot=1000, seed=3)
+    y5, p5, g5 = _rows(np.random.default_rng(0), n_seeds=5)
+    five = cluster_bootstrap_ci(y5, p5, g5, n_boot=1000, seed=3)
+    assert one["n_clusters"] == five["n_clusters"] == 60
+    for key in ("acc", "sensitivity", "specificity", "f1", "auc", "ppv", "npv"):
+        assert five[key] == pytest.approx(one[key], abs=1e-12), key
+    # The row bootstrap this replaces is about sqrt(5) narrower on the same 5 copies.
+    from lung_cls.evaluation.metrics import bootstrap_ci
+
+    rows = bootstrap_ci(y5, p5, n_boot=1000, seed=3)
+    ratio = (one["acc"][1] - one["acc"][0]) / (rows["acc"][1] - rows["acc"][0])
+    assert 1.8 <= ratio <= 2.7
+
+
+def test_cluster_bootstrap_one_row_per_cluster_brackets_the_pooled_value() -> None:
+    y, p, g = _rows(np.random.default_rng(1))
+    ci = cluster_bootstrap_ci(y, p, g, n_boot=500, seed=0)
+    point = binary_metrics(y, p)
+    for key in ("acc", "sensitivity", "specificity", "auc"):
+        lo, hi = ci[key]
+        assert lo <= point[key] <= hi, key
+    # The resampled AUC equals sklearn's on a resample drawn by hand (weights = draw counts).
+    ci1 = cluster_bootstrap_ci(y, p, g, n_boot=1, seed=5, return_samples=True)
+    rng = np.random.default_rng(5)
+    uniq = np.unique(g)  # clusters in sorted-id order; strata: ventilation, then perfusion
+    label_of = {gi: yi for gi, yi in zip(g, y, strict=True)}
+    rows = []
+    for cls in (0, 1):
+        members = np.array([i for i, u in enumerate(uniq) if label_of[u] == cls])
+        for c in members[rng.integers(0, members.size, members.size)]:
+            rows.append(int(np.flatnonzero(g == uniq[c])[0]))
+    assert ci1["samples"]["auc"][0] == pytest.approx(roc_auc_score(y[rows], p[rows]), abs=1e-12)
+    assert ci1["samples"]["acc"][0] == pytest.approx(np.mean((p[rows] >= 0.5) == y[rows]))
+
+
+def test_cluster_bootstrap_resamples_patients_with_all_their_images() -> None:
+    """Patients holding a V/Q pair are one cluster: both images enter or leave together, and the
+    stratum 'both classes' keeps the class counts of every resample fixed."""
+    y = np.array([0, 1] * 20)
+    prob = np.where(y == 1, 0.8, 0.2)
+    prob[:4] = 1 - prob[:4]  # two patients both wrong
+    patients = np.repeat(np.arange(20).astype(str), 2)
+    ci = cluster_bootstrap_ci(y, prob, patients, n_boot=300, seed=0, return_samples=True)
+    assert ci["n_clusters"] == 20
+    # Each patient is right on both images or wrong on both: accuracy moves in steps of 1/20,
+    # and sensitivity equals specificity in every resample.
+    acc = ci["samples"]["acc"]
+    np.testing.assert_allclose(acc * 20, np.round(acc * 20), atol=1e-9)
+    np.testing.assert_allclose(ci["samples"]["sensitivity"], ci["samples"]["specificity"])
+
+
+@pytest.mark.parametrize("use_cluster", [True, False])
+def test_bootstrap_interval_is_95_percent(use_cluster: bool) -> None:
+    """The level, without peeking at the implementation: the bootstrap SD of accuracy with 400
+    images half right in each class is sqrt(0.25 / 400) = 0.025, so a 95 % percentile interval is
+    2 x 1.96 x 0.025 = 0.098 wide (a 90 % one, 0.082)."""
+    from lung_cls.evaluation.metrics import bootstrap_ci
+
+    y = np.r_[np.ones(200, int), np.zeros(200, int)]
+    prob = np.tile([0.9, 0.1], 200)  # half right, half wrong in each class
+    if use_cluster:
+        ci = cluster_bootstrap_ci(y, prob, np.arange(400), n_boot=4000, seed=0)
+    else:
+        ci = bootstrap_ci(y, prob, n_boot=4000, seed=0)
+    width = ci["acc"][1] - ci["acc"][0]
+    assert 0.091 <= width <= 0.105
+    assert ci["acc"][0] < 0.5 < ci["acc"][1]
+
+
+def test_cluster_bootstrap_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="0/1"):
+        cluster_bootstrap_ci([0, 2], [0.1, 0.2], ["a", "b"])
+    with pytest.raises(ValueError, match="must match"):
+        cluster_bootstrap_ci([0, 1], [0.1, 0.2], ["a"])
+    with pytest.raises(ValueError, match="n_boot"):
+        cluster_bootstrap_ci([0, 1], [0.1, 0.2], ["a", "b"], n_boot=0)

@@ -257,6 +257,13 @@ def test_cam_groundtruth_and_statistics(report_dir: Path) -> None:
     frac = rep["cam_statistics"]["vgg16"]["significant_fraction"]
     assert frac["uncorrected"] >= frac["fdr"] > 0.0  # heart and trachea differ strongly
     assert "maxT" in frac
+    stats = rep["cam_statistics"]["vgg16"]
+    assert stats["unit"].startswith("image") and stats["cam_scale"] == "minmax"
+    assert stats["n_images"] == N_TEST and stats["n_maps"] == N_TEST * stats["n_runs"]
+    lungs_or_trachea = _masks(1)["lungs"][0] | _masks(1)["trachea"][0]
+    assert stats["n_tests"] == int(lungs_or_trachea.sum()) == frac["n_pixels"]
+    assert rep["table1"]["vgg16"]["pooled"]["ci_unit"] == "image"
+    assert rep["table1"]["vgg16"]["pooled"]["n_units"] == N_TEST
     assert {r["status"] for r in rep["runs"]} == {"ok", "failed", "incomplete"}
     assert sorted(rep["missing_jobs"]) == ["model=resnet18,seed=2", "model=vgg16,seed=2"]
 

@@ -9,8 +9,10 @@ import pytest
 from scipy import stats
 
 from lung_cls.report.cams import (
+    RAW_CAMS_KEY,
     ModelCams,
     all_cam_statistics,
+    body_mask,
     cam_statistics,
     class_mean_cams,
     load_model_cams,
@@ -142,9 +144,122 @@ def test_cam_statistics_with_permutations_and_too_few_maps() -> None:
     few = _model_cams([1, 1, 0], ["a", "b", "c"])
     fig, info = cam_statistics(few, n_perm=10, seed=0, alpha=0.05, equal_var=True)
     assert "diff" in fig and "p_mask" not in fig
-    assert info["note"] == "fewer than 2 CAMs in a class: no t-test"
+    assert info["note"] == "fewer than 2 images in a class: no t-test"
     one_class = _model_cams([1, 1], ["a", "b"])
     maps, infos = all_cam_statistics(
         {"ok": _two_class_cams(), "one": one_class}, n_perm=0, seed=0, alpha=0.05, equal_var=True
     )
     assert set(maps) == {"ok"} and set(infos) == {"ok", "one"}  # Fig. 3 needs both classes
+
+
+def test_cam_statistics_test_one_map_per_image() -> None:
+    """Five seeds of the same six images are six samples, not thirty: the tests equal those of
+    the per-image mean maps, and report.json says how many maps and images there were."""
+    base = _two_class_cams()
+    rng = np.random.default_rng(0)
+    cams = np.concatenate([base.cams + 0.01 * rng.normal(size=base.cams.shape) for _ in range(5)])
+    five = _model_cams(np.tile(base.labels, 5), np.tile(base.ids, 5), cams=cams)
+    fig, info = cam_statistics(five, n_perm=0, seed=0, alpha=0.05, equal_var=True)
+    means = cams.reshape(5, 6, 2, 2).mean(axis=0)
+    p = stats.ttest_ind(means[:3], means[3:], axis=0).pvalue
+    assert info["min_p"] == pytest.approx(p.min())
+    assert fig["p_mask"].tolist() == (p < 0.05).tolist()
+    assert (info["n_maps"], info["n_images"], info["n_perfusion"]) == (30, 6, 3)
+    assert info["unit"].startswith("image")
+    pooled_p = stats.ttest_ind(cams[five.labels == 1], cams[five.labels == 0], axis=0).pvalue
+    assert pooled_p.min() < p.min()  # the pooled maps would overstate the evidence
+
+
+def test_difference_map_is_ventilation_minus_perfusion_drawn_red_where_perfusion_is_higher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fig. 3's documented meaning, end to end: pixel (0, 0) is hot in the perfusion CAMs only,
+    so diff = ventilation - perfusion is negative there and the panel paints it red."""
+    import lung_cls.evaluation.figures as figs
+
+    maps, _ = all_cam_statistics(
+        {"m": _two_class_cams()}, n_perm=0, seed=0, alpha=0.05, equal_var=True
+    )
+    assert maps["m"]["diff"][0, 0] < 0
+    drawn: dict[str, object] = {}
+    monkeypatch.setattr(figs, "_save", lambda fig, path: drawn.__setitem__("fig", fig))
+
+    def colour_at_00(maps) -> np.ndarray:
+        figs.fig_cam_statistics(maps, "unused.png")
+        image = drawn["fig"].axes[0].images[0]
+        return image.to_rgba(image.get_array())[0, 0, :3]
+
+    r, _, b = colour_at_00(maps)
+    assert r > b + 0.2  # red: perfusion higher (RdBu runs dark red -> white -> dark blue)
+    swapped = _two_class_cams().cams[[3, 4, 5, 0, 1, 2]]
+    vent_hot = _model_cams([1, 1, 1, 0, 0, 0], list("abcdef"), cams=swapped)
+    maps, _ = all_cam_statistics({"m": vent_hot}, n_perm=0, seed=0, alpha=0.05, equal_var=True)
+    r, _, b = colour_at_00(maps)
+    assert b > r + 0.2  # blue: ventilation higher
+
+
+def test_cam_statistics_test_only_the_body_and_count_the_tests() -> None:
+    """Pixels outside the mask are never tested (nor flagged), and n_tests says how many were."""
+    rng = np.random.default_rng(1)
+    n, size = 12, 6
+    cams = rng.random((n, size, size))
+    labels = np.r_[np.ones(6, int), np.zeros(6, int)]
+    cams[labels == 1, 0, 0] += 5.0  # a strong effect in the background corner
+    cams[labels == 1, 3, 3] += 5.0  # and one on the body
+    body = np.zeros((n, size, size), bool)
+    body[:, 2:5, 2:5] = True
+    mc = ModelCams(cams, labels, np.arange(n).astype(str), None, {"lungs": body}, 1)
+    fig, info = cam_statistics(mc, n_perm=49, seed=0, alpha=0.05, equal_var=True)
+    assert info["n_tests"] == 9 and info["n_pixels_total"] == 36
+    assert info["significant_fraction"]["n_pixels"] == 9
+    assert "lungs" in info["mask"]
+    for key in ("p_mask", "fdr_mask", "fwer_mask"):
+        assert fig[key][3, 3] and not fig[key][0, 0], key
+        assert not fig[key][~body[0]].any(), key
+    _, all_px = cam_statistics(mc, n_perm=0, seed=0, alpha=0.05, equal_var=True, mask="none")
+    assert all_px["n_tests"] == 36
+    given = np.zeros((size, size), bool)
+    given[0, :] = True
+    fig, user = cam_statistics(mc, n_perm=0, seed=0, alpha=0.05, equal_var=True, mask=given)
+    assert user["n_tests"] == 6 and fig["p_mask"][0, 0] and not fig["p_mask"][3, 3]
+    with pytest.raises(ValueError, match="shape"):
+        cam_statistics(mc, 0, 0, 0.05, True, mask=np.ones((2, 2), bool))
+
+
+def test_body_mask_from_the_mean_image_without_truth_masks() -> None:
+    images = np.zeros((4, 5, 5), np.uint8)
+    images[:, 1:4, 1:4] = 200
+    images[:, 0, 0] = 10  # faint background: below 0.1 x 200
+    mc = _model_cams([1, 1, 0, 0], list("abcd"), images=images, cams=np.zeros((4, 5, 5)))
+    mask, text = body_mask(mc, "auto", 0.1)
+    assert mask.sum() == 9 and not mask[0, 0]
+    assert "mean test image" in text
+    assert body_mask(_model_cams([1, 0], ["a", "b"]), "auto")[0].all()  # nothing to build on
+
+
+def test_cam_statistics_use_raw_or_minmax_cams_and_say_which() -> None:
+    base = _two_class_cams()
+    raw = -base.cams  # a raw map that differs from the scaled one
+    mc = ModelCams(base.cams, base.labels, base.ids, None, {}, 1, raw=raw)
+    fig, info = cam_statistics(mc, 0, 0, 0.05, True, scale="raw")
+    assert info["cam_scale"] == "raw" and fig["diff"][0, 0] == pytest.approx(0.8)
+    _, info = cam_statistics(mc, 0, 0, 0.05, True, scale="minmax")
+    assert info["cam_scale"] == "minmax"
+    _, info = cam_statistics(base, 0, 0, 0.05, True, scale="raw")  # no raw maps stored
+    assert info["cam_scale"] == "minmax" and "no raw CAMs" in info["note"]
+
+
+def test_load_model_cams_keeps_raw_maps_when_every_run_has_them(tmp_path: Path) -> None:
+    from lung_cls.runs import write_cams
+
+    runs = []
+    for seed in (0, 1):
+        d = tmp_path / f"run{seed}"
+        write_cams(
+            d, cams=np.full((2, 3, 3), 0.5), labels=[1, 0], ids=["a", "b"],
+            images=np.zeros((2, 3, 3)), probs=[0.9, 0.1],
+            extra={RAW_CAMS_KEY: np.full((2, 3, 3), -1.5 - seed, np.float32)},
+        )  # fmt: skip
+        runs.append(_record(d, seed))
+    mc = load_model_cams(runs, [])
+    assert mc.raw is not None and mc.raw.shape == (4, 3, 3) and mc.raw.min() == -2.5

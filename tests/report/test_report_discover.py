@@ -217,6 +217,12 @@ def test_runs_by_model_orders_groups_and_notes_repeated_seeds() -> None:
     assert [r.name for r in grouped["resnet18"]] == ["r0", "r0-again", "r1"]
     assert [r.name for r in grouped["alpha"]] == ["a2", "a-none"]  # no seed: last
     assert notes == ["resnet18: several runs share a seed ([0, 0, 1]); all are counted"]
+    folds = [rec("resnet18", 0, f"f{k}") for k in range(3)]
+    for k, r in enumerate(folds):
+        r.overrides = {"data.split.fold": str(k)}
+    notes = []
+    assert len(runs_by_model(folds, notes)["resnet18"]) == 3
+    assert notes == []  # three folds of seed 0 are three test sets, not repeated runs
 
 
 def test_metrics_json_names_the_model(tmp_path: Path) -> None:

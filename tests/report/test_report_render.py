@@ -121,6 +121,9 @@ GOOD = {
     "alpha": 0.05,
     "equal_var": True,
     "log_wandb": None,
+    "cam_scale": "minmax",
+    "cam_mask": "auto",
+    "cam_mask_threshold": 0.1,
 }
 
 
@@ -144,9 +147,26 @@ def test_settings_from_a_good_config() -> None:
         ("sweep_dir", 5, "sweep_dir=5: expected a folder path (required: sweep_dir=DIR)"),
         ("sweep_dir", None, "sweep_dir=None: expected a folder path (required: sweep_dir=DIR)"),
         ("out_dir", "", "out_dir='': expected a folder path or null"),
+        ("cam_scale", "log", "cam_scale='log': expected minmax or raw"),
+        ("cam_mask", 3, "cam_mask=3: expected auto, none or the path of a .npy mask"),
+        ("cam_mask_threshold", 1.5, "cam_mask_threshold=1.5: expected a number in [0, 1)"),
     ],
 )
 def test_settings_name_the_wrong_key(key: str, value, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         from_config({**GOOD, key: value})
     assert str(err.value) == message
+
+
+def test_cam_mask_file_is_loaded_or_named_in_one_line(tmp_path: Path) -> None:
+    from lung_cls.report.settings import load_cam_mask
+
+    assert load_cam_mask("auto") == "auto" and load_cam_mask("none") == "none"
+    good = tmp_path / "body.npy"
+    np.save(good, np.eye(3))
+    assert load_cam_mask(str(good)).dtype == bool
+    with pytest.raises(ConfigError, match=r"cam_mask='.*missing\.npy': expected auto, none"):
+        load_cam_mask(str(tmp_path / "missing.npy"))
+    np.save(good, np.zeros((2, 3, 3)))
+    with pytest.raises(ConfigError, match=r"2-D \(H, W\) mask, got shape \(2, 3, 3\)"):
+        load_cam_mask(str(good))

@@ -20,8 +20,10 @@ from lung_cls.report.tables import (
     confusion_table,
     groundtruth_display,
     groundtruth_table,
+    inference_unit,
     model_comparison,
     per_image,
+    pooled_metrics,
     roc_curves,
     table1,
     table1_display,
@@ -123,6 +125,36 @@ def test_table1_bootstrap_brackets_the_pooled_value(by_model) -> None:
     assert set(details["resnet18"]["pooled"]["ci95"]) >= {"acc", "auc"}
     no_ci, _ = table1(by_model, n_boot=0, seed=0)
     assert math.isnan(no_ci.loc[0, "pooled_acc_pct_lo"])  # n_boot = 0: no interval
+
+
+def test_pooled_ci_resamples_images_not_rows() -> None:
+    """Five identical seeds give the CI of one seed (the unit is the image, not the row)."""
+    rng = np.random.default_rng(0)
+    ids = [f"i{k}" for k in range(30)]
+    labels = [1] * 15 + [0] * 15
+    probs = np.clip(np.array(labels) * 0.4 + 0.3 + 0.25 * rng.normal(size=30), 0, 1)
+    one = pooled_metrics([_run("m", 0, probs, labels, ids)], n_boot=400, seed=1)
+    five = pooled_metrics([_run("m", s, probs, labels, ids) for s in range(5)], 400, 1)
+    assert five["n"] == 150 and five["n_units"] == one["n_units"] == 30
+    assert five["ci_unit"] == "image"
+    assert five["acc"] == one["acc"]  # the point estimate does not change
+    for key in ("acc", "auc", "sensitivity"):
+        assert five["ci95"][key] == pytest.approx(one["ci95"][key]), key
+    # ... and the interval is the 95 % one of the image bootstrap (not another level).
+    from lung_cls.evaluation.stats import cluster_bootstrap_ci
+
+    ref = cluster_bootstrap_ci(labels, probs, ids, pred=(probs >= 0.5), n_boot=400, seed=1)
+    assert one["ci95"]["acc"] == ref["acc"]
+
+
+def test_pooled_ci_resamples_patients_that_hold_several_images() -> None:
+    run = _run("m", 0, (0.9, 0.6, 0.4, 0.1))
+    run.test["patient_id"] = ["p1", "p2", "p1", "p2"]  # two V/Q pairs
+    assert inference_unit(run.test)[0] == "patient"
+    pooled = pooled_metrics([run], n_boot=50, seed=0)
+    assert pooled["ci_unit"] == "patient" and pooled["n_units"] == 2
+    run.test["patient_id"] = ["p1", "p2", "p3", "p4"]
+    assert inference_unit(run.test)[0] == "image"
 
 
 def test_table1_display_cells(by_model) -> None:
@@ -331,4 +363,16 @@ def test_cam_statistics_table_cells() -> None:
     assert table.loc["m", "significant fdr"] == "6.2%"
     assert "significant n_pixels" not in table.columns
     assert table.loc["few", "note"] == "fewer than 2 CAMs in a class"
-    assert table.loc["m", "perfusion CAMs"] == 6
+    assert table.loc["m", "perfusion images"] == 6
+
+
+def test_pooled_metrics_pool_cross_validation_folds_by_image() -> None:
+    """Two folds that test different images: pooled over both, each image is one unit."""
+    runs = []
+    for fold, ids in enumerate((("a", "b", "c", "d"), ("e", "f", "g", "h"))):
+        r = _run("m", 0, (0.9, 0.6, 0.4, 0.1), ids=ids)
+        r.overrides = {"data.split.fold": str(fold)}
+        runs.append(r)
+    pooled = pooled_metrics(runs, n_boot=50, seed=0)
+    assert pooled["n_folds"] == 2 and pooled["n_unique_images"] == pooled["n_units"] == 8
+    assert pooled["acc"] == 1.0
