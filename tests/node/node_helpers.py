@@ -1,0 +1,255 @@
+"""Helpers of the node tests: a stand-in model, planted series, dcmtk senders, an Orthanc PACS.
+
+(A plain module, not a conftest: see tests/qa/qa_helpers.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from lung_cls.data.preprocess import prep_config
+
+SIZE = 32
+ORTHANC = shutil.which("Orthanc")
+STORESCU = shutil.which("storescu")
+ECHOSCU = shutil.which("echoscu")
+
+needs_dcmtk = pytest.mark.skipif(
+    STORESCU is None or ECHOSCU is None,
+    reason="dcmtk's storescu/echoscu not on PATH (apt-get install -y dcmtk)",
+)
+needs_pacs = pytest.mark.skipif(
+    ORTHANC is None or STORESCU is None,
+    reason="Orthanc and dcmtk's storescu are needed as PACS and modality "
+    "(apt-get install -y orthanc dcmtk)",
+)
+
+
+@dataclass
+class FixedMember:
+    """A stand-in model: P(perfusion) = ``prob`` for every image (or per image mean > ``cut``
+    when ``prob`` is None: bright phantoms read as perfusion)."""
+
+    backend: ClassVar[str] = "fake"
+    can_cam: ClassVar[bool] = False
+    prob: float | None = 0.95
+    info: dict[str, Any] = field(default_factory=lambda: {"path": "fake.ckpt", "name": "fake"})
+    prep: dict[str, Any] = field(default_factory=lambda: prep_config({"size": SIZE}))
+    reference: np.ndarray | None = None
+
+    def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        return np.full(len(x), float(self.prob), dtype=np.float64)
+
+    def cams(self, images, targets, batch_size):  # pragma: no cover - never asked
+        raise RuntimeError("no CAM")
+
+
+def fake_ensemble(prob: float = 0.95):
+    from lung_cls.qa.backends import Ensemble
+
+    return Ensemble.of([FixedMember(prob=prob)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def phantom_image(label: int = 1, seed: int = 0) -> np.ndarray:
+    yy, xx = np.mgrid[:64, :64].astype(np.float32)
+    img = np.zeros((64, 64), np.float32)
+    for cx in (20, 44):
+        img += 200 * np.exp(-(((yy - 32) / 18) ** 2 + ((xx - cx) / 8) ** 2))
+    rng = np.random.default_rng(seed)
+    return (img + rng.poisson(5, img.shape)).astype(np.uint16)
+
+
+def write_series(
+    folder: Path,
+    desc: str,
+    *,
+    n: int = 1,
+    views: Sequence[str] | None = None,
+    image: np.ndarray | None = None,
+    patient: str = "P1",
+    study_uid: str | None = None,
+    **kw: Any,
+) -> list[Path]:
+    """One series of ``n`` instances (views ANTERIOR, POSTERIOR, ... by default) in ``folder``."""
+    from pydicom.uid import generate_uid
+
+    from lung_cls.data.dicomio import write_nm_dicom
+
+    views = list(views or ["ANTERIOR", "POSTERIOR", "LAO", "RAO", "LPO", "RPO"][:n])
+    series_uid, study_uid = generate_uid(), study_uid or generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, view in enumerate(views):
+        img = image if image is not None else phantom_image(seed=i)
+        p = write_nm_dicom(
+            folder / f"{series_uid}_{i}.dcm", img, patient_id=patient, series_description=desc,
+            view=view, series_uid=series_uid, study_uid=study_uid, **kw,
+        )  # fmt: skip
+        out.append(p)
+    return out
+
+
+def uids(path: Path) -> tuple[str, str]:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def storescu(port: int, files: Sequence[Path], aet: str = "MODALITY", aec: str = "LUNG_QA",
+             timeout: float = 120) -> subprocess.CompletedProcess:  # fmt: skip
+    """dcmtk's storescu, one association for all ``files`` (as a camera sends a study)."""
+    return subprocess.run(
+        [STORESCU, "-aet", aet, "-aec", aec, "-to", "20", "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.1, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def audit_rows(spool: Path) -> dict[str, dict[str, Any]]:
+    import sqlite3
+
+    db = sqlite3.connect(str(spool / "audit.sqlite"), timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        return {r["sop_instance_uid"]: dict(r) for r in db.execute("SELECT * FROM instances")}
+    finally:
+        db.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Orthanc as the PACS
+# --------------------------------------------------------------------------------------------------
+RECEIVED_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  local f = io.open("{log}", "a")
+  f:write(tostring(dicom.SOPInstanceUID), "\\n")
+  f:close()
+  return true
+end
+"""
+
+
+class OrthancPacs:
+    """A throw-away Orthanc: DICOM and HTTP on 127.0.0.1 (free ports), storage in ``folder``.
+
+    A Lua filter appends every instance Orthanc receives to ``received.log`` - duplicates
+    included, which Orthanc's own index would fold - so a test can count deliveries."""
+
+    def __init__(self, folder: Path, node_port: int | None = None, node_aet: str = "LUNG_QA"):
+        self.folder = folder
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.aet = "ORTHANC"
+        self.log = folder / "received.log"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "received.lua").write_text(RECEIVED_LUA.replace("{log}", str(self.log)))
+        modalities = {"node": [node_aet, "127.0.0.1", node_port or 104]}
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": modalities,
+            "LuaScripts": [str(folder / "received.lua")],
+            "Plugins": [],
+            "StableAge": 1,
+        }
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps(config, indent=1))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OrthancPacs:
+        self.out = open(self.folder / "orthanc.out", "ab")
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.out,
+                                     stderr=subprocess.STDOUT)  # fmt: skip
+        wait_for(self._up, 60, 0.2, "Orthanc to answer on HTTP")
+        return self
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"Orthanc exited ({self.proc.returncode}): see {self.folder / 'orthanc.out'}"
+            )
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        if getattr(self, "out", None):
+            self.out.close()
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def sop_uids(self) -> set[str]:
+        """Every SOPInstanceUID Orthanc stores (REST /instances + simplified-tags)."""
+        out = set()
+        for oid in self.get("/instances"):
+            out.add(self.get(f"/instances/{oid}/simplified-tags")["SOPInstanceUID"])
+        return out
+
+    def series_descriptions(self) -> dict[str, str]:
+        out = {}
+        for oid in self.get("/instances"):
+            tags = self.get(f"/instances/{oid}/simplified-tags")
+            out[tags["SOPInstanceUID"]] = tags.get("SeriesDescription", "")
+        return out
+
+    def deliveries(self) -> list[str]:
+        return self.log.read_text().split() if self.log.exists() else []
+
+
+def node_env() -> dict[str, str]:
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
