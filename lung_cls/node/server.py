@@ -40,6 +40,34 @@ NOT_AN_IMAGE = 0xA900  # "dataset does not match SOP class": here, no pixel data
 OUT_OF_RESOURCES = 0xA700
 
 
+def malformed(ds: Any) -> str | None:
+    """Why a received dataset cannot be used, or None: every element must decode, and native
+    (uncompressed) pixel data must be as long as its rows, columns and frames say."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns (and goes on) on a cut-off element
+        for elem in ds.iterall():
+            elem.value  # noqa: B018 - decodes the element
+    if "PixelData" not in ds:
+        return None
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and getattr(ts, "is_compressed", False):
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = (
+            int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.BitsAllocated) // 8
+        )  # fmt: skip
+    except (AttributeError, TypeError, ValueError) as err:
+        return f"image attributes missing or invalid ({err})"
+    have = len(ds.PixelData)
+    if have < expected:
+        return f"pixel data truncated: {have} bytes, {expected} expected"
+    return None
+
+
 def _age_s(iso: str) -> float:
     return time.time() - datetime.fromisoformat(iso).timestamp()
 
@@ -132,8 +160,11 @@ class Node:
             study = str(ds.get("StudyInstanceUID", "") or "")
             patient = str(ds.get("PatientID", "") or "")
             sop_class = str(ds.SOPClassUID)
+            problem = malformed(ds)
         except Exception as err:  # noqa: BLE001 - whatever a broken dataset raises
-            log.warning("C-STORE from %s refused: dataset cannot be decoded (%s)", calling, err)
+            problem = f"dataset cannot be decoded ({type(err).__name__}: {err})"
+        if problem is not None:
+            log.warning("C-STORE from %s refused: %s", calling, problem)
             return CANNOT_UNDERSTAND
         if not (self.s.accept_non_image or "PixelData" in ds):
             log.warning(
