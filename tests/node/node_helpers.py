@@ -253,3 +253,71 @@ def node_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     return env
+
+
+class NodeProcess:
+    """``python -m lung_cls.node`` as a real process (so that it can be SIGKILLed)."""
+
+    def __init__(self, folder: Path, model: str, spool: Path, pacs_port: int, *extra: str):
+        self.folder, self.spool = folder, spool
+        self.port = free_port()
+        self.args = [
+            model, f"spool={spool}", f"listen.port={self.port}", f"forward.port={pacs_port}",
+            "forward.ae_title=ORTHANC", "forward.retry_initial_s=0.5", "forward.retry_max_s=2",
+            "forward.timeout_s=5", "series.quiet_s=1.0", *extra,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> NodeProcess:
+        import sys
+
+        self.starts += 1
+        self.log = self.folder / f"node{self.starts}.log"
+        self.out = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lung_cls.node", *self.args], cwd=self.folder, env=node_env(),
+            stdout=self.out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for(self._ready, 180, 0.2, f"the node to listen (see {self.log})")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"node exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}"
+            )
+        return "ready:" in self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(30)
+            self.out.close()
+        self.proc = None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(30)
+        self.out.close()
+        self.proc = None
+        return code
+
+
+def scratch_checkpoint(path: Path) -> Path:
+    """An untrained checkpoint in the training format (tests/qa's helper)."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tests" / "qa"))
+    from qa_helpers import save_scratch_checkpoint
+
+    return save_scratch_checkpoint(path, size=SIZE)
