@@ -78,42 +78,46 @@ class Pacs:
     ) -> list[SendResult]:
         """C-STORE each (SOP instance UID, file) over one association; ``on_result(result)`` is
         called after each instance, so the caller records it before the next is sent;
-        ``before_each(sop)`` just before its C-STORE.
+        ``before_each(sop)`` just before its C-STORE. ``items`` beyond the first 128 SOP class
+        contexts are the caller's to split.
 
         Raises `PacsUnavailable` when no association can be made; an association lost midway
         raises it too, after the results so far were reported (the instance in flight is not:
         the PACS may or may not have it)."""
-        import pydicom
+        from pydicom.filereader import read_file_meta_info
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+        # Files are sent as they lie in the spool (pynetdicom streams a path without decoding
+        # it); only their file meta is read, for the presentation contexts.
         loaded = []
         results: list[SendResult] = []
+        contexts: dict[str, list[str]] = {}
         for sop, path in items:
             try:
-                loaded.append((sop, pydicom.dcmread(path)))
+                meta = read_file_meta_info(path)
+                sop_class, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
             except Exception as err:  # noqa: BLE001 - a spool file that cannot be read
                 res = SendResult(sop, False, f"spool file unreadable: {err}")
                 results.append(res)
                 if on_result:
                     on_result(res)
+                continue
+            loaded.append((sop, path))
+            syntaxes = contexts.setdefault(sop_class, [])
+            for uid in (ts, str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)):
+                if uid not in syntaxes:
+                    syntaxes.append(uid)
         if not loaded:
             return results
-        contexts: dict[str, list[str]] = {}
-        for _, ds in loaded:
-            ts = str(ds.file_meta.TransferSyntaxUID)
-            syntaxes = contexts.setdefault(str(ds.SOPClassUID), [])
-            for s in (ts, str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)):
-                if s not in syntaxes:
-                    syntaxes.append(s)
         assoc = self._associate(list(contexts.items())[:128])
         try:
-            for sop, ds in loaded:
+            for sop, path in loaded:
                 if not assoc.is_established:
                     raise PacsUnavailable("association lost during the transfer")
                 if before_each:
                     before_each(sop)
                 try:
-                    status = assoc.send_c_store(ds)
+                    status = assoc.send_c_store(Path(path))
                 except (RuntimeError, ValueError) as err:
                     raise PacsUnavailable(f"C-STORE failed: {err}") from None
                 if not status:  # no response: timeout, abort

@@ -100,6 +100,8 @@ class Node:
     def start(self) -> Node:
         self.spool.clean_temp()
         self._adopt_orphans()
+        if self.s.report:
+            self._warm_report()
         self._server = self._make_scp()
         for name, target in (("checker", self._checker), ("forwarder", self._forwarder)):
             t = threading.Thread(target=target, name=f"node-{name}", daemon=True)
@@ -111,6 +113,25 @@ class Node:
             self.s.forward_port, self.spool.root,
         )  # fmt: skip
         return self
+
+    def _warm_report(self) -> None:
+        """highdicom takes seconds to import and to build its first report: do it before the
+        port opens, not on the first series."""
+        import tempfile
+
+        import numpy as np
+        import pydicom
+
+        from lung_cls.data.dicomio import write_nm_dicom
+        from lung_cls.node.report import build_report, encode
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_nm_dicom(
+                Path(tmp) / "warm.dcm", np.zeros((8, 8), np.uint16), patient_id="WARM",
+                series_description="LUNG",
+            )  # fmt: skip
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        encode(build_report([ds], {"status": "ok"}, {"name": "warm"}, self.s.ae_title))
 
     @property
     def port(self) -> int:
@@ -448,50 +469,53 @@ class Node:
                 continue
             items.append((r["sop_instance_uid"], path))
             by_sop[r["sop_instance_uid"]] = r
-        pending = set(by_sop)
-        done = 0
-
-        def on_result(res: SendResult) -> None:
-            nonlocal done
-            pending.discard(res.sop)
-            r = by_sop.get(res.sop)
-            if r is None:
-                return
-            if res.ok:
-                with self.audit.tx() as db:
-                    db.execute(
-                        "UPDATE instances SET state=?, forwarded_at=?, deliveries=deliveries+1, "
-                        "attempts=attempts+1, last_error=NULL WHERE sop_instance_uid=?",
-                        (A.FORWARDED, now_iso(), res.sop),
-                    )
-                self.spool.remove(r["file"])
-                done += 1
-            else:
-                self._record_failure(r, f"PACS refused it ({res.detail})")
-
-        # Each row goes to `sending` just before its C-STORE, one transaction a row, so that after
-        # a crash only the one in flight is in doubt.
-        def mark_sending(sop: str) -> None:
-            with self.audit.tx() as db:
-                db.execute(
-                    "UPDATE instances SET state=? WHERE sop_instance_uid=? AND state=?",
-                    (A.SENDING, sop, A.QUEUED),
-                )
-
+        # The whole batch goes to `sending` in one transaction and its outcome is recorded in
+        # one more: after a crash in between, the rows still `sending` are looked up on the PACS
+        # (`reconcile`) before any is sent again.
+        self._set_state([r["sop_instance_uid"] for r in by_sop.values()], A.SENDING, A.QUEUED)
+        results: dict[str, SendResult] = {}
+        reached: set[str] = set()
+        error = None
         try:
-            self.pacs.send(items, on_result=on_result, before_each=mark_sending)
+            self.pacs.send(
+                items, on_result=lambda res: results.__setitem__(res.sop, res),
+                before_each=reached.add,
+            )  # fmt: skip
         except PacsUnavailable as err:
-            self._failed(str(err))
-            return done
-        if done:
-            self._succeeded()
-        return done
-
-    def _record_failure(self, r: dict[str, Any], why: str) -> None:
+            error = err
+        now = now_iso()
+        ok = [s for s, res in results.items() if res.ok and s in by_sop]
+        refused = [res for s, res in results.items() if not res.ok and s in by_sop]
+        in_doubt = reached - set(results)  # C-STORE sent, no answer: the PACS may have it
+        untouched = [s for s in by_sop if s not in results and s not in in_doubt]
         with self.audit.tx() as db:
-            db.execute(
+            db.executemany(
+                "UPDATE instances SET state=?, forwarded_at=?, deliveries=deliveries+1, "
+                "attempts=attempts+1, last_error=NULL WHERE sop_instance_uid=?",
+                [(A.FORWARDED, now, s) for s in ok],
+            )
+            db.executemany(
                 "UPDATE instances SET state=?, attempts=attempts+1, last_error=? "
                 "WHERE sop_instance_uid=?",
-                (A.QUEUED, why, r["sop_instance_uid"]),
+                [(A.QUEUED, f"PACS refused it ({res.detail})", res.sop) for res in refused],
             )
-        self._failed(f"{r['sop_instance_uid']}: {why}")
+            db.executemany(
+                "UPDATE instances SET state=? WHERE sop_instance_uid=? AND state=?",
+                [(A.QUEUED, s, A.SENDING) for s in untouched],
+            )
+        for s in ok:
+            self.spool.remove(by_sop[s]["file"])
+        if error is not None:
+            self._failed(str(error))
+        elif refused:
+            self._failed(f"{len(refused)} instance(s) refused, e.g. {refused[0].detail}")
+        elif ok:
+            self._succeeded()
+        return len(ok)
+
+    def _set_state(self, sops: list[str], state: str, where: str) -> None:
+        with self.audit.tx() as db:
+            db.executemany(
+                "UPDATE instances SET state=? WHERE sop_instance_uid=? AND state=?",
+                [(state, s, where) for s in sops],
+            )
