@@ -179,7 +179,11 @@ def check_series(
         verdict = Verdict(REJECTED, reason=f"rejected: {err.reason}", image=sop)
         from lung_cls.qa.declared import KeywordMatcher, declared_from_texts
 
-        verdict.declared = declared_from_texts(dataset_texts(ds), KeywordMatcher()).cls
+        read = options.read_options() if options is not None else None
+        verdict.declared = declared_from_texts(
+            dataset_texts(ds),
+            read.matcher if read is not None else KeywordMatcher(),
+        ).cls
         return verdict
     verdict = verdict_of(check_one(ens, pixels, dataset_texts(ds), sop, options))
     verdict.image = sop

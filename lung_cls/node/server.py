@@ -27,7 +27,7 @@ from typing import Any
 
 from lung_cls.node import audit as A
 from lung_cls.node.audit import Audit, now_iso
-from lung_cls.node.check import PASSED, REPORT, LungRule, Verdict, check_series
+from lung_cls.node.check import PASSED, REJECTED, REPORT, LungRule, Verdict, check_series
 from lung_cls.node.forward import Pacs, PacsUnavailable, SendResult
 from lung_cls.node.settings import NodeSettings
 from lung_cls.node.spool import INCOMING, QUARANTINE, Spool
@@ -238,8 +238,11 @@ class Node:
         the sender will re-send them) are taken in, so that nothing on disk is forgotten."""
         import pydicom
 
+        known = {r["file"] for r in self.audit.query("SELECT file FROM instances")}
         for path in self.spool.orphans():
             rel = path.relative_to(self.spool.root).as_posix()
+            if rel in known:
+                continue
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 sop = str(ds.SOPInstanceUID)
@@ -311,7 +314,11 @@ class Node:
             path = self.spool.find(r["file"], series, r["sop_instance_uid"])
             if path is not None:
                 files.append((r["sop_instance_uid"], path))
-        verdict = check_series(self.ens, files, self.rule, self.s.options)
+        try:
+            verdict = check_series(self.ens, files, self.rule, self.s.options)
+        except Exception as err:  # noqa: BLE001 - a broken check holds the series, never loops
+            log.exception("series %s: the check failed", series)
+            verdict = Verdict(REJECTED, reason=f"rejected: the check failed ({err})")
         hold = verdict.status in self.s.hold
         report = None
         if self.s.report and verdict.status != PASSED and files:
