@@ -91,6 +91,12 @@ def rows_of(spool: Path) -> list[dict]:
         db.close()
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
@@ -105,7 +111,7 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
     cmd = [
         sys.executable, "-m", "lung_cls.node", model_arg, f"spool={spool}", f"listen.port={port}",
         f"forward.port={pacs.dicom_port}", "forward.ae_title=ORTHANC", "hold=[]",
-        f"series.quiet_s={args.quiet}", f"threads={args.threads}",
+        f"series.quiet_s={args.quiet}", f"threads={args.threads}", f"report={not args.no_report}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -115,7 +121,7 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
             time.sleep(0.2)
         warm = write_studies(work / f"warm-{name}", 1, seed=99)
         storescu(port, warm[0])
-        wait_all(spool, 4 + 2)
+        wait_all(spool, 4 + (0 if args.no_report else 2))
         studies = write_studies(work / f"in-{name}", args.studies, seed=args.seed)
         queue = list(studies)
         lock = threading.Lock()
@@ -131,15 +137,17 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
                     failures.append(files[0])
 
         t0 = time.time()
+        cpu0 = cpu_s(proc.pid), cpu_s(pacs.proc.pid)
         threads = [threading.Thread(target=sender) for _ in range(args.senders)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         t_sent = time.time()
-        n_expected = 6 + args.studies * (4 + 2)  # instances + one report per checked series
+        per_study = 4 + (0 if args.no_report else 2)  # instances + one report per checked series
+        n_expected = 4 + (0 if args.no_report else 2) + args.studies * per_study
         rows = wait_all(spool, n_expected)
-        cpu = None
+        cpu = cpu_s(proc.pid) - cpu0[0], cpu_s(pacs.proc.pid) - cpu0[1]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -192,6 +200,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", nargs="+", default=["torch", "onnx"])
+    p.add_argument("--no-report", action="store_true", help="report=false: no SR per series")
     p.add_argument("--work", type=Path, default=None, help="keep spools and logs here")
     args = p.parse_args()
     if shutil.which("Orthanc") is None or shutil.which("storescu") is None:
@@ -216,7 +225,8 @@ def main() -> None:
             pacs.stop()
     print(
         f"{args.studies} V/Q studies x 2 series x 2 instances, {args.senders} concurrent storescu, "
-        f"resnet18 at {args.size} px, series.quiet_s={args.quiet}, complete_on_release=true"
+        f"resnet18 at {args.size} px, series.quiet_s={args.quiet}, complete_on_release=true, "
+        f"report={not args.no_report}"
     )
     for r in results:
         print(
@@ -229,6 +239,12 @@ def main() -> None:
             f"       receive->forward latency p50 {r['p50']:.2f} s  p95 {r['p95']:.2f} s "
             f"(target < 2 s, ratio {r['p95'] / 2:.2f});  from series complete p50 "
             f"{r['p50_complete']:.2f} s  p95 {r['p95_complete']:.2f} s;  statuses {r['statuses']}"
+        )
+        node_cpu, pacs_cpu = (c / args.studies for c in r["cpu"])
+        print(
+            f"       CPU per study: node {node_cpu:.3f} s, Orthanc {pacs_cpu:.3f} s -> two free "
+            f"cores would carry ~{2 / (node_cpu + pacs_cpu):.1f} studies/s (node alone "
+            f"{2 / node_cpu:.1f}); a projection from CPU time, not a measured rate"
         )
 
 

@@ -68,6 +68,25 @@ def malformed(ds: Any) -> str | None:
     return None
 
 
+#: What the report needs of each checked instance: its references and the patient / study modules
+#: highdicom copies from the first one. (A whole NM header makes highdicom several times slower.)
+_EVIDENCE_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientName",
+    "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+    "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "IssuerOfPatientID",
+)  # fmt: skip
+
+
+def _evidence(ds: Any) -> Any:
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    for keyword in _EVIDENCE_KEYWORDS:
+        if keyword in ds:
+            setattr(out, keyword, ds.data_element(keyword).value)
+    return out
+
+
 def _age_s(iso: str) -> float:
     return time.time() - datetime.fromisoformat(iso).timestamp()
 
@@ -335,7 +354,7 @@ class Node:
         from lung_cls.node.report import build_report, encode
 
         try:
-            evidence = [pydicom.dcmread(p, stop_before_pixels=True) for _, p in files]
+            evidence = [_evidence(pydicom.dcmread(p, stop_before_pixels=True)) for _, p in files]
             members = getattr(self.ens, "members", [{}])
             name = "+".join(str(m.get("name") or m.get("backbone") or "model") for m in members)
             sr = build_report(
