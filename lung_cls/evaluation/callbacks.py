@@ -146,7 +146,7 @@ class RunArtifacts(L.Callback):
             x.to(pl_module.device),
             targets=[int(v) for v in labels],
             batch_size=self.cam_batch_size,
-            layer=resolve_cam_layer(net.net),
+            layer=resolve_cam_layer(net),  # model.cam_layer, else feature_info[-1]
         )
         write_cams(
             self.run_dir,

@@ -28,7 +28,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compute_gradcam", "resolve_cam_layer"]
+__all__ = [
+    "CAM_METHODS",
+    "cam_layer_choice",
+    "cam_method",
+    "cam_map_size",
+    "compute_gradcam",
+    "resolve_cam_layer",
+]
 
 
 class _ProbeDone(Exception):
@@ -103,8 +110,49 @@ def _probe_output_shape(
     return captured["shape"]
 
 
-def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None = None) -> nn.Module:
-    """The Grad-CAM target layer of a timm CNN: the module named by ``feature_info[-1]``.
+def _feature_entries(info: Any) -> list[dict]:
+    """Every entry of timm's feature_info as a dict, shallow to deep."""
+    if hasattr(info, "get_dicts"):
+        return [dict(d) for d in info.get_dicts()]
+    return [dict(d) for d in info]
+
+
+def _named_layer(backbone: nn.Module, choice: str | int, name_of: str) -> tuple[str, dict]:
+    """``(module name, feature_info entry or {})`` of a ``model.cam_layer`` choice."""
+    entries = _feature_entries(getattr(backbone, "feature_info", None) or [])
+    text = str(choice).strip()
+    if isinstance(choice, int) or text.lstrip("-").isdigit():
+        idx = int(text)
+        if not entries or not -len(entries) <= idx < len(entries):
+            raise ValueError(
+                f"model.cam_layer={choice!r}: {name_of} has {len(entries)} feature_info entries "
+                f"({', '.join(e.get('module', '?') for e in entries)})"
+            )
+        return str(entries[idx].get("module")), entries[idx]
+    for entry in entries:
+        if entry.get("module") == text:
+            return text, entry
+    return text, {}
+
+
+def cam_layer_choice(net: nn.Module) -> str | int | None:
+    """The ``cam_layer`` a wrapper (``LungNet``) carries, or None (the deepest feature map)."""
+    return getattr(net, "cam_layer", None)
+
+
+def resolve_cam_layer(
+    net: nn.Module,
+    input_size: int | tuple[int, int] | None = None,
+    layer: str | int | None = None,
+) -> nn.Module:
+    """The Grad-CAM target layer of a timm CNN: by default the module named by ``feature_info[-1]``.
+
+    ``layer`` (else the ``cam_layer`` attribute of ``net``, which ``LungNet`` carries from
+    ``model.cam_layer``) picks an earlier one: a module name of the backbone (``"layer3"``) or an
+    index into ``feature_info`` (``-2``: the stage before the last, half the stride). An earlier
+    layer gives a finer map (at 64 px a ResNet's ``layer4`` is 2 x 2, ``layer2`` 8 x 8) from
+    features that are less class-specific; the demo measures the trade
+    (``experiments/cam_resolution``).
 
     ``feature_info[-1]`` is the deepest feature map at the model's final stride (``layer4`` for
     ResNets, ``conv2d_7b`` for Inception-ResNet-v2, the last max-pool ``features.30`` for VGG,
@@ -116,6 +164,7 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
         net: a timm model, or a wrapper module that holds one.
         input_size: probe image size (int or (H, W)); default: the model's pretrained_cfg size.
     """
+    choice = layer if layer is not None else cam_layer_choice(net)
     prefix, backbone = _find_backbone(net)
     name_of = type(backbone).__name__
     info = getattr(backbone, "feature_info", None)
@@ -124,8 +173,11 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
             f"{name_of}: backbone is not supported for Grad-CAM: it has no timm feature_info, so "
             "there is no known spatial feature map to explain (use a timm CNN backbone)"
         )
-    entry = _last_feature_entry(info)
-    module_name = entry.get("module")
+    if choice is None:
+        entry = _last_feature_entry(info)
+        module_name = entry.get("module")
+    else:
+        module_name, entry = _named_layer(backbone, choice, name_of)
     if not module_name:
         raise ValueError(
             f"{name_of}: backbone is not supported for Grad-CAM: feature_info[-1] names no module"
@@ -133,8 +185,9 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
     try:
         layer = backbone.get_submodule(module_name)
     except AttributeError as err:
+        where = "feature_info[-1] names" if choice is None else "model.cam_layer names"
         raise ValueError(
-            f"{name_of}: backbone is not supported for Grad-CAM: feature_info[-1] names "
+            f"{name_of}: backbone is not supported for Grad-CAM: {where} "
             f"'{module_name}', which is not a submodule ({err})"
         ) from err
 
@@ -187,12 +240,32 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
     return layer
 
 
+#: ``model.cam_method`` / ``compute_gradcam(method=)`` values -> pytorch_grad_cam class names.
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "gradcam++": "GradCAMPlusPlus",
+}
+
+
+def cam_method(method: str) -> type:
+    """The pytorch_grad_cam class of a :data:`CAM_METHODS` name (ValueError naming the choices)."""
+    import pytorch_grad_cam
+
+    key = str(method).strip().lower()
+    if key not in CAM_METHODS:
+        raise ValueError(f"cam method {method!r}: expected one of {', '.join(CAM_METHODS)}")
+    return getattr(pytorch_grad_cam, CAM_METHODS[key])
+
+
 def compute_gradcam(
     net: nn.Module,
     inputs: torch.Tensor,
     targets: Sequence[int],
     batch_size: int = 16,
     layer: nn.Module | None = None,
+    method: str = "gradcam",
 ) -> np.ndarray:
     """Grad-CAM maps of ``inputs`` for the given target class of each image.
 
@@ -206,12 +279,18 @@ def compute_gradcam(
     ``requires_grad`` flags, any existing ``.grad`` tensors and the training flag (Grad-CAM switches
     to eval mode) are restored afterwards.
 
+    ``method`` picks the variant from ``pytorch_grad_cam`` (:data:`CAM_METHODS`): ``gradcam``
+    (channel weights = mean gradient; the paper's), ``hirescam`` (gradient x activation per pixel,
+    faithful to the model's own computation at that layer), ``layercam`` (positive gradients x
+    activation per pixel, made for earlier, finer layers) or ``gradcam++``.
+
     Returns:
         float32 ``(N, H, W)`` in [0, 1]. ``pytorch_grad_cam`` min-max scales each map per image, so
         values are relative to the image's own maximum.
     """
-    from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam_class = cam_method(method)
 
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
         shape = getattr(inputs, "shape", None)
@@ -251,7 +330,7 @@ def compute_gradcam(
                 x_all = x_all.to(device=device, dtype=dtype)
             else:
                 x_all = x_all.to(device=device, dtype=torch.float32)
-            with GradCAM(model=net, target_layers=[layer]) as cam:
+            with cam_class(model=net, target_layers=[layer]) as cam:
                 for start in range(0, n, batch_size):
                     xb = x_all[start : start + batch_size].detach().requires_grad_(True)
                     tb = [
@@ -274,3 +353,17 @@ def compute_gradcam(
     result = np.concatenate(maps, axis=0)
     np.nan_to_num(result, copy=False, nan=0.0)
     return np.clip(result, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def cam_map_size(
+    net: nn.Module, layer: nn.Module, input_size: int | tuple[int, int]
+) -> tuple[int, int]:
+    """``(h, w)`` of ``layer``'s feature map at ``input_size``: the CAM's native resolution.
+
+    Grad-CAM upsamples this map to the input, so a 2 x 2 map drawn at 64 px still has only four
+    independent values; the report warns when it is coarser than the paper's 7 x 7.
+    """
+    _, backbone = _find_backbone(net)
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    shape = _probe_output_shape(backbone, layer, hw)  # type: ignore[arg-type]
+    return int(shape[-2]), int(shape[-1])
