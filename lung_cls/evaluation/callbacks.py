@@ -133,7 +133,7 @@ class RunArtifacts(L.Callback):
         self._log_wandb(trainer, metrics, y_test, test_prob)
 
     def _write_cams(self, pl_module, data, test_idx: np.ndarray, test_prob: np.ndarray) -> None:
-        from lung_cls.evaluation.cam import compute_gradcam, resolve_cam_layer
+        from lung_cls.evaluation.cam import cam_map_size, compute_gradcam, resolve_cam_layer
 
         net = pl_module.model
         labels = np.asarray(data.labels)[test_idx]
@@ -141,13 +141,16 @@ class RunArtifacts(L.Callback):
             torch.from_numpy(np.ascontiguousarray(data.images[test_idx])).unsqueeze(1).float()
             / 255.0
         )
+        layer = resolve_cam_layer(net, input_size=tuple(x.shape[-2:]))  # model.cam_layer or last
         cams = compute_gradcam(
             net,
             x.to(pl_module.device),
             targets=[int(v) for v in labels],
             batch_size=self.cam_batch_size,
-            layer=resolve_cam_layer(net),  # model.cam_layer, else feature_info[-1]
+            layer=layer,
         )
+        layer_name = next((n for n, m in net.named_modules() if m is layer), "")
+        grid = cam_map_size(net, layer, tuple(x.shape[-2:]))
         write_cams(
             self.run_dir,
             cams=cams,
@@ -156,6 +159,8 @@ class RunArtifacts(L.Callback):
             images=data.images[test_idx],
             probs=test_prob,
             masks={name: masks[test_idx] for name, masks in (data.masks or {}).items()},
+            # The CAM's native resolution and layer, for the report's coarse-CAM warning.
+            extra={"cam_grid": np.asarray(grid, dtype=np.int64), "cam_layer": np.array(layer_name)},
         )
 
     def _log_wandb(self, trainer, metrics: dict, y: np.ndarray, prob: np.ndarray) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from lung_cls.report import cams, figures, render, tables
+from lung_cls.report import cams, figures, neck, render, tables
 from lung_cls.report.discover import (
     RunRecord,
     SweepNotFoundError,
@@ -191,6 +191,7 @@ def _add_cams(rep: _Report, by_model: RunsByModel) -> None:
         return
     _add_average_cams(rep, model_cams)
     _add_cam_statistics(rep, model_cams)
+    _add_neck(rep, by_model, model_cams)
     _add_groundtruth(rep, model_cams)
 
 
@@ -214,6 +215,24 @@ def _add_cam_statistics(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) 
             maps, rep.out, s.alpha
         )
     rep.sections.append(render.cam_statistics_section(figure, tables.cam_statistics_table(info)))
+
+
+def _add_neck(
+    rep: _Report, by_model: RunsByModel, model_cams: Mapping[str, cams.ModelCams]
+) -> None:
+    """The paper's finding measured: ventilation CAMs inside the neck masks, against chance."""
+    grids = {m: neck.cam_grid(by_model[m]) for m in model_cams}
+    table, details, warnings = neck.neck_table(model_cams, grids)
+    rep.data["cam_grid"] = {m: list(g) if g else None for m, g in grids.items()}
+    rep.notes.extend(warnings)
+    if table.empty:
+        rep.sections.append(render.neck_section(None, warnings))
+        return
+    shown = neck.neck_display(table)
+    render.write_table(rep.out, "cam_neck", render.NECK_TITLE, table, shown)
+    rep.tables["cam_neck"] = table
+    rep.data["cam_neck"] = details
+    rep.sections.append(render.neck_section(shown, warnings))
 
 
 def _add_groundtruth(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) -> None:

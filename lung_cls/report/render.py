@@ -163,6 +163,27 @@ def cam_statistics_section(figure: Path | None, fractions: pd.DataFrame) -> Sect
     )
 
 
+NECK_TITLE = (
+    "Do the ventilation CAMs find the neck? (phantom truth, neck-positive ventilation images)"
+)
+
+
+def neck_section(shown: pd.DataFrame | None, warnings: Sequence[str]) -> Section:
+    """The paper's finding as a number: the neck measure with its chance levels and bars."""
+    warn = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)
+    if shown is None:
+        return _message(NECK_TITLE, "No trachea masks in cams.npz (not phantom data): skipped.")
+    legend = (
+        "<p class='note'>Target: the trachea, oropharynx and oesophagus masks, grown by half a "
+        "CAM cell (a map cannot place its peak more finely). 'CAM energy inside': share of each "
+        "map's sum inside the target; chance is the target's area share (a flat map). 'CAM max "
+        "inside': share of images whose maximum lies in the target; chance is the same area "
+        "share. Bars from the issue: energy ratio at least 2, maximum inside in at least half "
+        "the images.</p>"
+    )
+    return NECK_TITLE, warn + html_table(shown) + legend
+
+
 def groundtruth_section(shown: pd.DataFrame | None) -> Section:
     if shown is None:
         return _message(
@@ -238,6 +259,7 @@ table.tbl{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 table.tbl th,table.tbl td{border:1px solid #ccc;padding:3px 6px;text-align:right}
 table.tbl th{background:#f0f0f0} pre{background:#fbeaea;padding:6px;white-space:pre-wrap;font-size:0.8em}
 .note{color:#555;font-size:0.9em}
+.warn{background:#fff4d6;border-left:4px solid #d08700;padding:4px 8px}
 """
 
 
