@@ -50,6 +50,47 @@ def _best_val_acc(pl_module: L.LightningModule) -> float:
     return float(pl_module.val_acc_best.compute())
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit or None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the run ran, for the report's setup box (kept out of metrics.json: not results)."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    if device.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+    return {
+        "device": f"{device.type}: {name}",
+        "threads": int(torch.get_num_threads()),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+    }
+
+
 class RunArtifacts(L.Callback):
     """Write predictions, CAMs and metrics of the best checkpoint into the run dir (rank 0 only)."""
 
@@ -67,6 +108,11 @@ class RunArtifacts(L.Callback):
         self.n_boot = n_boot
         self.cam_batch_size = cam_batch_size
         self.result: dict[str, Any] | None = None
+        self._t_start: float | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._t_start is None:  # the first stage (fit, or test alone) starts the clock
+            self._t_start = time.perf_counter()
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -126,7 +172,11 @@ class RunArtifacts(L.Callback):
         # Timings live apart from metrics.json, so equal runs give byte-identical metrics.json files.
         atomic_write_json(
             run_file(self.run_dir, RunFile.TIMING),
-            {"artifacts_seconds": round(time.perf_counter() - t0, 3)},
+            {
+                "artifacts_seconds": round(time.perf_counter() - t0, 3),
+                "run_seconds": round(time.perf_counter() - (self._t_start or t0), 3),
+                **environment(pl_module.device),
+            },
         )
         write_metrics(self.run_dir, metrics)
         self.result = metrics

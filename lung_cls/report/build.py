@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from lung_cls.report import cams, figures, neck, render, tables
+from lung_cls.report import cams, figures, neck, render, setup, tables
 from lung_cls.report.discover import (
     RunRecord,
     SweepNotFoundError,
@@ -61,6 +61,7 @@ class _Report:
     sections: list[render.Section] = field(default_factory=list)
     figures: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    setup: dict[str, str] = field(default_factory=dict)
 
 
 def build_report(
@@ -91,11 +92,15 @@ def build_report(
     """
     settings = Settings(n_boot, n_perm, seed, alpha, equal_var)
     rep = _start(sweep_dir, out_dir, settings)
+    if not any(r.status == "ok" for r in rep.runs):
+        return _failure_report(rep)
+    rep.setup = setup.setup_facts(rep.runs)
+    rep.data["setup"] = rep.setup
     by_model = runs_by_model(rep.runs, rep.notes)
     _add_table1(rep, by_model)
+    _add_cams(rep, by_model)  # Figs. 2 and 3 before Fig. 4: the paper's order
     _add_roc(rep, by_model)
     _add_model_comparison(rep, by_model)
-    _add_cams(rep, by_model)
     _add_wandb(rep, log_wandb)
     _finish(rep)
     n_ok = sum(r.status == "ok" and r.test_metrics is not None for r in rep.runs)
@@ -151,7 +156,8 @@ def _add_table1(rep: _Report, by_model: RunsByModel) -> None:
     rep.tables["table1"] = t1
     rep.data["table1"] = details
     confusion = tables.confusion_table(details)
-    rep.sections.append(render.table1_section(t1, shown, pooled, confusion, n_boot))
+    caption = setup.comparison_caption(rep.setup)
+    rep.sections.append(render.table1_section(t1, shown, pooled, confusion, n_boot, caption))
 
 
 def _add_roc(rep: _Report, by_model: RunsByModel) -> None:
@@ -259,6 +265,22 @@ def _add_wandb(rep: _Report, log_wandb: bool | None) -> None:
         rep.notes.append(f"W&B logging failed: {err}")
 
 
+def _failure_report(rep: _Report) -> Path:
+    """No run finished: a short report of the errors, identical ones grouped, and nothing else."""
+    groups = setup.error_groups(rep.runs)
+    rep.data["error_groups"] = groups
+    render.write_json(rep.out, rep.data)
+    render.write_html(rep.out, render.failure_document(rep.sweep, rep.runs, rep.missing, groups))
+    log.error(
+        "No run of %s finished (%d runs, %d distinct errors): failure report in %s",
+        rep.sweep,
+        len(rep.runs),
+        len(groups),
+        rep.out,
+    )
+    return rep.out
+
+
 def _finish(rep: _Report) -> None:
     """report.json, then report.html (the notes last on the page)."""
     rep.data["notes"] = rep.notes
@@ -266,5 +288,7 @@ def _finish(rep: _Report) -> None:
     if rep.notes:
         rep.sections.append(render.notes_section(rep.notes))
     render.write_json(rep.out, rep.data)
-    page = render.html_document(rep.sweep, rep.sections, rep.runs, rep.missing, rep.settings)
+    page = render.html_document(
+        rep.sweep, rep.sections, rep.runs, rep.missing, rep.settings, setup=rep.setup
+    )
     render.write_html(rep.out, page)

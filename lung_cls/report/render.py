@@ -110,14 +110,18 @@ def table1_section(
     pooled: pd.DataFrame | None = None,
     confusion: pd.DataFrame | None = None,
     n_boot: int = 0,
+    caption: str = "",
 ) -> Section:
     """Table 1 with the pooled CIs, the summed confusion matrices and every number folded away;
-    ``t1=None``: no finished run."""
+    ``t1=None``: no finished run. ``caption`` says how this sweep's set-up differs from the
+    paper's (the setup box's words)."""
     if t1 is None:
         return _message("Table 1", "No finished run.")
     return (
-        "Table 1: test metrics (mean ± SD over seeds) vs the paper",
-        html_table(shown)
+        "Table 1: this sweep's test metrics (mean ± SD over seeds) beside the paper's - "
+        "a comparison of set-ups that differ",
+        (f'<p class="warn">{html.escape(caption)}</p>' if caption else "")
+        + html_table(shown)
         + f"<h3>Pooled over seeds, stratified bootstrap 95% CI ({n_boot} resamples)</h3>"
         + f"<p class='note'>{_POOLED_CAVEAT}</p>"
         + html_table(pooled)
@@ -259,7 +263,44 @@ table.tbl{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 table.tbl th,table.tbl td{border:1px solid #ccc;padding:3px 6px;text-align:right}
 table.tbl th{background:#f0f0f0} pre{background:#fbeaea;padding:6px;white-space:pre-wrap;font-size:0.8em}
 .note{color:#555;font-size:0.9em}
+.setup{border:2px solid #345;padding:0 1em 0.6em;margin:1em 0;background:#f6f8fb}
+.setup th{text-align:left;padding-right:1em;vertical-align:top}
 .warn{background:#fff4d6;border-left:4px solid #d08700;padding:4px 8px}
+"""
+
+
+def setup_box(facts: Mapping[str, str]) -> str:
+    """The box at the top of the page: what was run, in one glance."""
+    if not facts:
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in facts.items()
+    )
+    return f'<div class="setup"><h2 id="setup">What was run</h2><table>{rows}</table></div>'
+
+
+def failure_document(
+    sweep_dir: Path, runs: Sequence[RunRecord], missing: Sequence[str], groups: Sequence[Mapping]
+) -> str:
+    """The short page of a sweep in which no run finished: each distinct error once."""
+    items = "".join(
+        f"<li><b>{len(g['runs'])} run(s)</b> ({html.escape(str(g['status']))}): "
+        f"<pre>{html.escape(str(g['error']))}</pre><span class='note'>"
+        f"{html.escape(', '.join(g['runs'][:10]))}"
+        f"{' ...' if len(g['runs']) > 10 else ''}</span></li>"
+        for g in groups
+    )
+    miss = f"<p>{len(missing)} job(s) left no run dir.</p>" if missing else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lung_cls: no run finished</title>
+<style>{_STYLE}</style></head><body>
+<h1>No finished run in this sweep</h1>
+<p>Sweep dir: <code>{html.escape(str(sweep_dir))}</code>: {len(runs)} run dir(s), none finished;
+{len(groups)} distinct error(s) (the same message with other paths or numbers counts once).
+No tables or figures were made. Each run's own log is <code>train.log</code> in its dir.</p>
+{miss}<ul>{items}</ul>
+</body></html>
 """
 
 
@@ -269,8 +310,9 @@ def html_document(
     runs: Sequence[RunRecord],
     missing: Sequence[str],
     settings: Settings,
+    setup: Mapping[str, str] | None = None,
 ) -> str:
-    """The whole page: problems first, then the sections in order, the runs, the methods."""
+    """The whole page: what was run, the problems, the sections in order, the runs, the methods."""
     n_ok = sum(r.status == "ok" for r in runs)
     body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -280,6 +322,7 @@ def html_document(
 <h1>lung_cls sweep report</h1>
 <p>Sweep dir: <code>{html.escape(str(sweep_dir))}</code><br>
 Generated {generated} from {n_ok} finished run(s) of {len(runs)} run dir(s).</p>
+{setup_box(setup or {})}
 {_problems_html(runs, missing)}
 {body}
 <h2>Runs</h2>{html_table(_runs_table(runs))}
