@@ -218,7 +218,7 @@ def _add_cam_statistics(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) 
     figure = None
     if maps:
         figure = rep.figures[figures.CAM_STATISTICS] = figures.draw_cam_statistics(
-            maps, rep.out, s.alpha
+            maps, rep.out, s.alpha, cams.mean_images(model_cams)
         )
     rep.sections.append(render.cam_statistics_section(figure, tables.cam_statistics_table(info)))
 

@@ -55,11 +55,25 @@ def draw_average_cams(
 
 
 def draw_cam_statistics(
-    per_model: Mapping[str, Mapping[str, Any]], out_dir: Path, alpha: float
+    per_model: Mapping[str, Mapping[str, Any]],
+    out_dir: Path,
+    alpha: float,
+    mean_images: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Fig. 3: difference map and the pixels significant uncorrected, under FDR and max-T."""
+    """Fig. 3: difference map and the pixels significant uncorrected, under FDR and max-T, over
+    the mean test image (the classes' mean images averaged, each class weighing the same)."""
     from lung_cls.evaluation.figures import fig_cam_statistics
 
+    shapes = {np.shape(v) for v in (mean_images or {}).values()}
+    base = (
+        np.mean([np.asarray(v, dtype=np.float64) for v in mean_images.values()], axis=0)
+        if mean_images and len(shapes) == 1
+        else None
+    )
     return _drawn_atomically(
-        fig_cam_statistics, out_dir / f"{CAM_STATISTICS}.png", per_model, alpha=alpha
+        fig_cam_statistics,
+        out_dir / f"{CAM_STATISTICS}.png",
+        per_model,
+        alpha=alpha,
+        mean_image=base,
     )

@@ -264,7 +264,7 @@ table.tbl th,table.tbl td{border:1px solid #ccc;padding:3px 6px;text-align:right
 table.tbl th{background:#f0f0f0} pre{background:#fbeaea;padding:6px;white-space:pre-wrap;font-size:0.8em}
 .note{color:#555;font-size:0.9em}
 .setup{border:2px solid #345;padding:0 1em 0.6em;margin:1em 0;background:#f6f8fb}
-.setup th{text-align:left;padding-right:1em;vertical-align:top}
+.setup th{text-align:left;padding-right:1em;vertical-align:top;white-space:nowrap}
 .warn{background:#fff4d6;border-left:4px solid #d08700;padding:4px 8px}
 """
 
