@@ -183,7 +183,12 @@ class RunArtifacts(L.Callback):
         self._log_wandb(trainer, metrics, y_test, test_prob)
 
     def _write_cams(self, pl_module, data, test_idx: np.ndarray, test_prob: np.ndarray) -> None:
-        from lung_cls.evaluation.cam import cam_map_size, compute_gradcam, resolve_cam_layer
+        from lung_cls.evaluation.cam import (
+            cam_map_size,
+            compute_gradcam,
+            randomisation_check,
+            resolve_cam_layer,
+        )
 
         net = pl_module.model
         labels = np.asarray(data.labels)[test_idx]
@@ -201,6 +206,10 @@ class RunArtifacts(L.Callback):
         )
         layer_name = next((n for n, m in net.named_modules() if m is layer), "")
         grid = cam_map_size(net, layer, tuple(x.shape[-2:]))
+        # Adebayo et al. 2018: the same CAMs from the model with randomised weights.
+        similarity = randomisation_check(
+            net, x.to(pl_module.device), [int(v) for v in labels], cams, self.cam_batch_size
+        )
         write_cams(
             self.run_dir,
             cams=cams,
@@ -210,7 +219,11 @@ class RunArtifacts(L.Callback):
             probs=test_prob,
             masks={name: masks[test_idx] for name, masks in (data.masks or {}).items()},
             # The CAM's native resolution and layer, for the report's coarse-CAM warning.
-            extra={"cam_grid": np.asarray(grid, dtype=np.int64), "cam_layer": np.array(layer_name)},
+            extra={
+                "cam_grid": np.asarray(grid, dtype=np.int64),
+                "cam_layer": np.array(layer_name),
+                "cam_randomised_similarity": similarity.astype(np.float32),
+            },
         )
 
     def _log_wandb(self, trainer, metrics: dict, y: np.ndarray, prob: np.ndarray) -> None:

@@ -408,3 +408,43 @@ def render_overlay(
     fig.savefig(tmp, format="png")
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------- calibration
+__all__ += ["fig_reliability"]
+
+
+def fig_reliability(
+    points: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    ece: Mapping[str, float] | None = None,
+) -> Path:
+    """Reliability diagram: per model, the share of perfusion studies against the mean predicted
+    P(perfusion) in each probability bin (marker area ~ images in the bin); the diagonal is
+    perfect calibration."""
+    if not points:
+        raise ValueError("fig_reliability: no models to draw")
+    fig, ax = plt.subplots(figsize=(5.0, 4.8), layout="constrained")
+    colours = plt.get_cmap("tab10")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    for i, (model, bins) in enumerate(points.items()):
+        x = [b["mean_p"] for b in bins]
+        y = [b["frac_pos"] for b in bins]
+        n = np.array([b["n"] for b in bins], dtype=np.float64)
+        label = model
+        if ece and finite_number(ece.get(model)):
+            label += f" (ECE {ece[model]:.3f})"
+        ax.plot(x, y, "-", color=colours(i % 10), lw=1.2, label=label)
+        ax.scatter(x, y, s=12 + 60 * n / max(n.max(), 1), color=colours(i % 10), zorder=3)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("mean predicted P(perfusion) in the bin")
+    ax.set_ylabel("share of perfusion studies in the bin")
+    ax.set_title("Reliability diagram (test, pooled over seeds)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)
+
+
+def finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(float(v))

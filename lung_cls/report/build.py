@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from lung_cls.report import cams, figures, neck, render, setup, tables
+from lung_cls.report import cams, checks, figures, neck, render, setup, tables
 from lung_cls.report.discover import (
     RunRecord,
     SweepNotFoundError,
@@ -101,6 +101,7 @@ def build_report(
     _add_cams(rep, by_model)  # Figs. 2 and 3 before Fig. 4: the paper's order
     _add_roc(rep, by_model)
     _add_model_comparison(rep, by_model)
+    _add_checks(rep, by_model)
     _add_wandb(rep, log_wandb)
     _finish(rep)
     n_ok = sum(r.status == "ok" and r.test_metrics is not None for r in rep.runs)
@@ -252,6 +253,32 @@ def _add_groundtruth(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) -> 
     rep.tables["cam_groundtruth"] = gt
     rep.data["cam_groundtruth"] = details
     rep.sections.append(render.groundtruth_section(shown))
+
+
+def _add_checks(rep: _Report, by_model: RunsByModel) -> None:
+    """Subgroups by neck activity, calibration with its reliability diagram, CAM randomisation."""
+    sub, sub_info = checks.subgroup_table(by_model)
+    rep.data["subgroups"] = sub_info
+    if not sub.empty:
+        render.write_table(rep.out, "subgroups", render.SUBGROUP_TITLE, sub, sub)
+    rep.sections.append(render.subgroup_section(sub if not sub.empty else None))
+    cal, cal_info = checks.calibration_table(by_model)
+    rep.data["calibration"] = cal_info
+    figure = None
+    if not cal.empty:
+        render.write_table(rep.out, "calibration", render.CALIBRATION_TITLE, cal, cal)
+        ece = {m: d["ece"] for m, d in cal_info.items()}
+        points = checks.reliability_points(cal_info)
+        if points:
+            figure = rep.figures[figures.RELIABILITY] = figures.draw_reliability(
+                points, ece, rep.out
+            )
+    rep.sections.append(render.calibration_section(cal if not cal.empty else None, figure))
+    rnd, rnd_info = checks.randomisation_table(by_model)
+    rep.data["cam_randomisation"] = rnd_info
+    if not rnd.empty:
+        render.write_table(rep.out, "cam_randomisation", render.RANDOMISATION_TITLE, rnd, rnd)
+    rep.sections.append(render.randomisation_section(rnd if not rnd.empty else None))
 
 
 def _add_wandb(rep: _Report, log_wandb: bool | None) -> None:

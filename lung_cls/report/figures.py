@@ -20,6 +20,7 @@ from lung_cls.report.tables import Curve
 
 #: File names of the figures in the report folder (``report.json["figures"]`` keys + ".png").
 ROC, AVERAGE_CAMS, CAM_STATISTICS = "fig4_roc", "fig2_average_cams", "fig3_cam_statistics"
+RELIABILITY = "fig5_reliability"
 
 
 def _drawn_atomically(draw: Callable[..., Path], path: Path, *args: Any, **kwargs: Any) -> Path:
@@ -77,3 +78,12 @@ def draw_cam_statistics(
         alpha=alpha,
         mean_image=base,
     )
+
+
+def draw_reliability(
+    points: Mapping[str, Sequence[Mapping[str, float]]], ece: Mapping[str, float], out_dir: Path
+) -> Path:
+    """Reliability diagram of every model (test predictions pooled over seeds)."""
+    from lung_cls.evaluation.figures import fig_reliability
+
+    return _drawn_atomically(fig_reliability, out_dir / f"{RELIABILITY}.png", points, ece=ece)

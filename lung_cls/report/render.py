@@ -196,6 +196,46 @@ def groundtruth_section(shown: pd.DataFrame | None) -> Section:
     return "Grad-CAM vs truth masks (phantom)", html_table(shown)
 
 
+SUBGROUP_TITLE = "Subgroups: ventilation studies with and without neck activity (phantom truth)"
+CALIBRATION_TITLE = "Calibration: expected calibration error and Brier score (test)"
+RANDOMISATION_TITLE = "CAM sanity check: model-parameter randomisation (Adebayo et al. 2018)"
+
+
+def subgroup_section(table: pd.DataFrame | None) -> Section:
+    if table is None:
+        return _message(SUBGROUP_TITLE, "No neck truth (mask_trachea in cams.npz): skipped.")
+    return SUBGROUP_TITLE, html_table(table) + (
+        "<p class='note'>Perfusion is positive, so the share of ventilation studies recognised "
+        "is the specificity. Each distinct test image counts once (its prediction: the majority "
+        "of the seeds); 95% Wilson intervals. A model that learned the neck shadow recognises "
+        "ventilation studies with neck activity and misses those without.</p>"
+    )
+
+
+def calibration_section(table: pd.DataFrame | None, figure: Path | None) -> Section:
+    if table is None:
+        return _message(CALIBRATION_TITLE, "No test predictions: skipped.")
+    fig = img_tag(figure, "reliability diagram") if figure is not None else ""
+    return CALIBRATION_TITLE, html_table(table) + fig + (
+        "<p class='note'>ECE: mean |share of perfusion - mean P(perfusion)| over 15 equal-width "
+        "bins, weighted by the images in each bin (torchmetrics). Brier: mean squared error of "
+        "P(perfusion). 0 is perfect for both.</p>"
+    )
+
+
+def randomisation_section(table: pd.DataFrame | None) -> Section:
+    if table is None:
+        return _message(
+            RANDOMISATION_TITLE,
+            "No cam_randomised_similarity in cams.npz (runs older than this check): skipped.",
+        )
+    return RANDOMISATION_TITLE, html_table(table) + (
+        "<p class='note'>Spearman rank correlation between each test CAM of the trained model and "
+        "the CAM of the same architecture with all weights re-initialised. High similarity means "
+        "the maps follow the image, not the learned weights, and are no explanation.</p>"
+    )
+
+
 def notes_section(notes: Sequence[str]) -> Section:
     return (
         "Notes",
