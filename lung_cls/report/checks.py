@@ -36,8 +36,8 @@ def calibration(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS) -> dict[str,
     import torch
     from torchmetrics.functional.classification import binary_calibration_error
 
-    y = np.asarray(y, dtype=np.int64)
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    y = np.array(y, dtype=np.int64)  # copies: torch wants writable arrays
+    p = np.clip(np.array(p, dtype=np.float64), 0.0, 1.0)
     if not len(y):
         return {"n": 0, "ece": math.nan, "brier": math.nan, "bins": []}
     ece = float(
