@@ -101,12 +101,14 @@ class RunArtifacts(L.Callback):
         cams: bool = True,
         n_boot: int = 2000,
         cam_batch_size: int = 16,
+        temperature_scaling: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_info = run_info
         self.cams = cams
         self.n_boot = n_boot
         self.cam_batch_size = cam_batch_size
+        self.temperature_scaling = temperature_scaling
         self.result: dict[str, Any] | None = None
         self._t_start: float | None = None
 
@@ -167,6 +169,8 @@ class RunArtifacts(L.Callback):
             "data": dm.summary,
         }
 
+        if self.temperature_scaling:
+            metrics["calibration"] = self._fit_temperature(trainer, y_val, val_prob)
         if self.cams:
             self._write_cams(pl_module, data, test_idx, test_prob)
         # Timings live apart from metrics.json, so equal runs give byte-identical metrics.json files.
@@ -181,6 +185,24 @@ class RunArtifacts(L.Callback):
         write_metrics(self.run_dir, metrics)
         self.result = metrics
         self._log_wandb(trainer, metrics, y_test, test_prob)
+
+    def _fit_temperature(self, trainer: L.Trainer, y_val: np.ndarray, val_prob: np.ndarray) -> dict:
+        """T fitted on validation, written into the best checkpoint (``temperature`` key)."""
+        import os
+
+        from lung_cls.evaluation.calibration import TEMPERATURE_KEY, fit_temperature
+
+        fit = fit_temperature(y_val, val_prob)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best and Path(best).is_file():
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            ckpt[TEMPERATURE_KEY] = float(fit["temperature"])
+            tmp = Path(best).with_name(f".{Path(best).name}.tmp")
+            torch.save(ckpt, tmp)
+            os.replace(tmp, best)
+            fit["checkpoint"] = str(best)
+        log.info("Temperature scaling on validation: T = %.3f", fit["temperature"])
+        return fit
 
     def _write_cams(self, pl_module, data, test_idx: np.ndarray, test_prob: np.ndarray) -> None:
         from lung_cls.evaluation.cam import (

@@ -74,18 +74,44 @@ def calibration_table(
         ]
         details[model] = {**c, "ece_per_seed": [s["ece"] for s in per_seed]}
         eces = np.array([s["ece"] for s in per_seed])
-        rows.append(
-            {
-                "model": model,
-                "runs": len(tests),
-                "test rows": c["n"],
-                "ECE (pooled)": fmt(c["ece"], 3),
-                "ECE per seed (mean ± SD)": fmt(eces.mean(), 3)
-                + (f" ± {eces.std(ddof=1):.3f}" if len(eces) > 1 else ""),
-                "Brier (pooled)": fmt(c["brier"], 3),
-            }
-        )
+        row = {
+            "model": model,
+            "runs": len(tests),
+            "test rows": c["n"],
+            "ECE (pooled)": fmt(c["ece"], 3),
+            "ECE per seed (mean ± SD)": fmt(eces.mean(), 3)
+            + (f" ± {eces.std(ddof=1):.3f}" if len(eces) > 1 else ""),
+            "Brier (pooled)": fmt(c["brier"], 3),
+        }
+        scaled = _temperature_scaled(runs)
+        if scaled is not None:
+            t = calibration(scaled[0], scaled[1])
+            details[model]["temperature_scaled"] = {**t, "temperatures": scaled[2]}
+            row["T (val-fitted)"] = ", ".join(f"{v:.2f}" for v in scaled[2])
+            row["ECE after T"] = fmt(t["ece"], 3)
+            row["Brier after T"] = fmt(t["brier"], 3)
+        rows.append(row)
     return pd.DataFrame(rows), details
+
+
+def _temperature_scaled(runs: Sequence[RunRecord]) -> tuple[np.ndarray, np.ndarray, list] | None:
+    """Pooled test labels and P(perfusion) after each run's own validation-fitted temperature;
+    None unless every run with test rows has one (``metrics.json["calibration"]``)."""
+    from lung_cls.evaluation.calibration import scale_probs
+
+    ys, ps, temps = [], [], []
+    for r in runs:
+        if r.test is None:
+            continue
+        t = ((r.metrics or {}).get("calibration") or {}).get("temperature")
+        if not finite(t):
+            return None
+        ys.append(r.test["label"].to_numpy())
+        ps.append(scale_probs(r.test["prob_perfusion"].to_numpy(), float(t)))
+        temps.append(float(t))
+    if not ys:
+        return None
+    return np.concatenate(ys), np.concatenate(ps), temps
 
 
 # --------------------------------------------------------------------------- subgroups

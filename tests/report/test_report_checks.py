@@ -92,3 +92,44 @@ def test_map_similarity_is_one_for_equal_maps_and_nan_for_flat() -> None:
     b[1] = 0.5
     s = map_similarity(a, b)
     assert s[0] == pytest.approx(1.0) and math.isnan(s[1])
+
+
+def test_temperature_fit_softens_an_overconfident_model_and_the_report_uses_it(
+    tmp_path: Path,
+) -> None:
+    from lung_cls.evaluation.calibration import fit_temperature, scale_probs
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    z_true = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.5, 400)
+    p_over = 1 / (1 + np.exp(-4 * z_true))  # 4x too confident
+    fit = fit_temperature(y, p_over)
+    assert 2.5 < fit["temperature"] < 6 and fit["nll_after"] < fit["nll_before"]
+    assert np.array_equal(scale_probs(p_over, 3.0) >= 0.5, p_over >= 0.5)  # ranking kept
+    assert fit_temperature(np.ones(5), np.full(5, 0.9))["temperature"] == 1.0
+
+    run = _write_run(tmp_path, "resnet18", 0, np.random.default_rng(0), cams=False)
+    m = json.loads((run / "metrics.json").read_text())
+    m["calibration"] = {"temperature": 2.0}
+    (run / "metrics.json").write_text(json.dumps(m))
+    out = build_report(tmp_path, n_boot=20, n_perm=5, log_wandb=False)
+    cal = json.loads((out / "report.json").read_text())["calibration"]["resnet18"]
+    assert cal["temperature_scaled"]["temperatures"] == [2.0]
+    assert cal["temperature_scaled"]["brier"] != pytest.approx(cal["brier"])
+
+
+def test_run_artifacts_store_the_temperature_in_the_checkpoint(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lung_cls.evaluation.callbacks import RunArtifacts
+
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, ckpt)
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(ckpt)))
+    y = np.array([0, 1] * 20)
+    p = np.where(y == 1, 0.999, 0.001)
+    p[:6] = 1 - p[:6]  # confident and sometimes wrong: T > 1
+    fit = RunArtifacts(str(tmp_path), {}, temperature_scaling=True)._fit_temperature(trainer, y, p)
+    stored = torch.load(ckpt, weights_only=True)
+    assert stored["temperature"] == pytest.approx(fit["temperature"]) and fit["temperature"] > 1
+    assert stored["epoch"] == 3
