@@ -170,6 +170,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_info(cfg),
         cams=bool(cfg.get("cams", True)),
         n_boot=int(cfg.get("n_boot", 2000)),
+        temperature_scaling=bool(cfg.get("temperature_scaling", False)),
     )
     callbacks.append(artifacts)
     wandb_offline_default(cfg.get("logger"))

@@ -50,6 +50,47 @@ def _best_val_acc(pl_module: L.LightningModule) -> float:
     return float(pl_module.val_acc_best.compute())
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit or None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the run ran, for the report's setup box (kept out of metrics.json: not results)."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    if device.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+    return {
+        "device": f"{device.type}: {name}",
+        "threads": int(torch.get_num_threads()),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+    }
+
+
 class RunArtifacts(L.Callback):
     """Write predictions, CAMs and metrics of the best checkpoint into the run dir (rank 0 only)."""
 
@@ -60,13 +101,20 @@ class RunArtifacts(L.Callback):
         cams: bool = True,
         n_boot: int = 2000,
         cam_batch_size: int = 16,
+        temperature_scaling: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_info = run_info
         self.cams = cams
         self.n_boot = n_boot
         self.cam_batch_size = cam_batch_size
+        self.temperature_scaling = temperature_scaling
         self.result: dict[str, Any] | None = None
+        self._t_start: float | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._t_start is None:  # the first stage (fit, or test alone) starts the clock
+            self._t_start = time.perf_counter()
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -121,19 +169,49 @@ class RunArtifacts(L.Callback):
             "data": dm.summary,
         }
 
+        if self.temperature_scaling:
+            metrics["calibration"] = self._fit_temperature(trainer, y_val, val_prob)
         if self.cams:
             self._write_cams(pl_module, data, test_idx, test_prob)
         # Timings live apart from metrics.json, so equal runs give byte-identical metrics.json files.
         atomic_write_json(
             run_file(self.run_dir, RunFile.TIMING),
-            {"artifacts_seconds": round(time.perf_counter() - t0, 3)},
+            {
+                "artifacts_seconds": round(time.perf_counter() - t0, 3),
+                "run_seconds": round(time.perf_counter() - (self._t_start or t0), 3),
+                **environment(pl_module.device),
+            },
         )
         write_metrics(self.run_dir, metrics)
         self.result = metrics
         self._log_wandb(trainer, metrics, y_test, test_prob)
 
+    def _fit_temperature(self, trainer: L.Trainer, y_val: np.ndarray, val_prob: np.ndarray) -> dict:
+        """T fitted on validation, written into the best checkpoint (``temperature`` key)."""
+        import os
+
+        from lung_cls.evaluation.calibration import TEMPERATURE_KEY, fit_temperature
+
+        fit = fit_temperature(y_val, val_prob)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best and Path(best).is_file():
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            ckpt[TEMPERATURE_KEY] = float(fit["temperature"])
+            tmp = Path(best).with_name(f".{Path(best).name}.tmp")
+            torch.save(ckpt, tmp)
+            os.replace(tmp, best)
+            fit["checkpoint"] = str(best)
+        log.info("Temperature scaling on validation: T = %.3f", fit["temperature"])
+        return fit
+
     def _write_cams(self, pl_module, data, test_idx: np.ndarray, test_prob: np.ndarray) -> None:
-        from lung_cls.evaluation.cam import RAW_CAMS_KEY, compute_gradcam, resolve_cam_layer
+        from lung_cls.evaluation.cam import (
+            RAW_CAMS_KEY,
+            cam_map_size,
+            compute_gradcam,
+            randomisation_check,
+            resolve_cam_layer,
+        )
 
         net = pl_module.model
         labels = np.asarray(data.labels)[test_idx]
@@ -141,14 +219,21 @@ class RunArtifacts(L.Callback):
             torch.from_numpy(np.ascontiguousarray(data.images[test_idx])).unsqueeze(1).float()
             / 255.0
         )
+        layer = resolve_cam_layer(net, input_size=tuple(x.shape[-2:]))  # model.cam_layer or last
         # Explained for the true class of each image (the paper's figures).
         cams, raw = compute_gradcam(
             net,
             x.to(pl_module.device),
             targets=[int(v) for v in labels],
             batch_size=self.cam_batch_size,
-            layer=resolve_cam_layer(net.net),
+            layer=layer,
             return_raw=True,
+        )
+        layer_name = next((n for n, m in net.named_modules() if m is layer), "")
+        grid = cam_map_size(net, layer, tuple(x.shape[-2:]))
+        # Adebayo et al. 2018: the same CAMs from the model with randomised weights.
+        similarity = randomisation_check(
+            net, x.to(pl_module.device), [int(v) for v in labels], cams, self.cam_batch_size
         )
         write_cams(
             self.run_dir,
@@ -158,7 +243,14 @@ class RunArtifacts(L.Callback):
             images=data.images[test_idx],
             probs=test_prob,
             masks={name: masks[test_idx] for name, masks in (data.masks or {}).items()},
-            extra={RAW_CAMS_KEY: raw.astype(np.float32)},
+            # The CAM's native resolution and layer, for the report's coarse-CAM warning; the raw
+            # maps (before ReLU and min-max scaling) for the statistics.
+            extra={
+                RAW_CAMS_KEY: raw.astype(np.float32),
+                "cam_grid": np.asarray(grid, dtype=np.int64),
+                "cam_layer": np.array(layer_name),
+                "cam_randomised_similarity": similarity.astype(np.float32),
+            },
         )
 
     def _log_wandb(self, trainer, metrics: dict, y: np.ndarray, prob: np.ndarray) -> None:

@@ -31,7 +31,15 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RAW_CAMS_KEY", "compute_gradcam", "resolve_cam_layer"]
+__all__ = [
+    "CAM_METHODS",
+    "RAW_CAMS_KEY",
+    "cam_layer_choice",
+    "cam_method",
+    "cam_map_size",
+    "compute_gradcam",
+    "resolve_cam_layer",
+]
 
 #: ``cams.npz`` array of the raw Grad-CAMs: float32 (N, H, W), sum_k w_k A_k before any ReLU or
 #: scaling, resized to the input (the report reads it under the same name).
@@ -129,8 +137,49 @@ def _probe_output_shape(
     return captured["shape"]
 
 
-def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None = None) -> nn.Module:
-    """The Grad-CAM target layer of a timm CNN: the module named by ``feature_info[-1]``.
+def _feature_entries(info: Any) -> list[dict]:
+    """Every entry of timm's feature_info as a dict, shallow to deep."""
+    if hasattr(info, "get_dicts"):
+        return [dict(d) for d in info.get_dicts()]
+    return [dict(d) for d in info]
+
+
+def _named_layer(backbone: nn.Module, choice: str | int, name_of: str) -> tuple[str, dict]:
+    """``(module name, feature_info entry or {})`` of a ``model.cam_layer`` choice."""
+    entries = _feature_entries(getattr(backbone, "feature_info", None) or [])
+    text = str(choice).strip()
+    if isinstance(choice, int) or text.lstrip("-").isdigit():
+        idx = int(text)
+        if not entries or not -len(entries) <= idx < len(entries):
+            raise ValueError(
+                f"model.cam_layer={choice!r}: {name_of} has {len(entries)} feature_info entries "
+                f"({', '.join(e.get('module', '?') for e in entries)})"
+            )
+        return str(entries[idx].get("module")), entries[idx]
+    for entry in entries:
+        if entry.get("module") == text:
+            return text, entry
+    return text, {}
+
+
+def cam_layer_choice(net: nn.Module) -> str | int | None:
+    """The ``cam_layer`` a wrapper (``LungNet``) carries, or None (the deepest feature map)."""
+    return getattr(net, "cam_layer", None)
+
+
+def resolve_cam_layer(
+    net: nn.Module,
+    input_size: int | tuple[int, int] | None = None,
+    layer: str | int | None = None,
+) -> nn.Module:
+    """The Grad-CAM target layer of a timm CNN: by default the module named by ``feature_info[-1]``.
+
+    ``layer`` (else the ``cam_layer`` attribute of ``net``, which ``LungNet`` carries from
+    ``model.cam_layer``) picks an earlier one: a module name of the backbone (``"layer3"``) or an
+    index into ``feature_info`` (``-2``: the stage before the last, half the stride). An earlier
+    layer gives a finer map (at 64 px a ResNet's ``layer4`` is 2 x 2, ``layer2`` 8 x 8) from
+    features that are less class-specific; the demo measures the trade
+    (``experiments/cam_resolution``).
 
     ``feature_info[-1]`` is the deepest feature map at the model's final stride (``layer4`` for
     ResNets, ``conv2d_7b`` for Inception-ResNet-v2, the last max-pool ``features.30`` for VGG,
@@ -142,6 +191,7 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
         net: a timm model, or a wrapper module that holds one.
         input_size: probe image size (int or (H, W)); default: the model's pretrained_cfg size.
     """
+    choice = layer if layer is not None else cam_layer_choice(net)
     prefix, backbone = _find_backbone(net)
     name_of = type(backbone).__name__
     info = getattr(backbone, "feature_info", None)
@@ -150,8 +200,11 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
             f"{name_of}: backbone is not supported for Grad-CAM: it has no timm feature_info, so "
             "there is no known spatial feature map to explain (use a timm CNN backbone)"
         )
-    entry = _last_feature_entry(info)
-    module_name = entry.get("module")
+    if choice is None:
+        entry = _last_feature_entry(info)
+        module_name = entry.get("module")
+    else:
+        module_name, entry = _named_layer(backbone, choice, name_of)
     if not module_name:
         raise ValueError(
             f"{name_of}: backbone is not supported for Grad-CAM: feature_info[-1] names no module"
@@ -159,8 +212,9 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
     try:
         layer = backbone.get_submodule(module_name)
     except AttributeError as err:
+        where = "feature_info[-1] names" if choice is None else "model.cam_layer names"
         raise ValueError(
-            f"{name_of}: backbone is not supported for Grad-CAM: feature_info[-1] names "
+            f"{name_of}: backbone is not supported for Grad-CAM: {where} "
             f"'{module_name}', which is not a submodule ({err})"
         ) from err
 
@@ -213,12 +267,32 @@ def resolve_cam_layer(net: nn.Module, input_size: int | tuple[int, int] | None =
     return layer
 
 
+#: ``model.cam_method`` / ``compute_gradcam(method=)`` values -> pytorch_grad_cam class names.
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "gradcam++": "GradCAMPlusPlus",
+}
+
+
+def cam_method(method: str) -> type:
+    """The pytorch_grad_cam class of a :data:`CAM_METHODS` name (ValueError naming the choices)."""
+    import pytorch_grad_cam
+
+    key = str(method).strip().lower()
+    if key not in CAM_METHODS:
+        raise ValueError(f"cam method {method!r}: expected one of {', '.join(CAM_METHODS)}")
+    return getattr(pytorch_grad_cam, CAM_METHODS[key])
+
+
 def compute_gradcam(
     net: nn.Module,
     inputs: torch.Tensor,
     targets: Sequence[int],
     batch_size: int = 16,
     layer: nn.Module | None = None,
+    method: str = "gradcam",
     return_raw: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps of ``inputs`` for the given target class of each image.
@@ -233,13 +307,19 @@ def compute_gradcam(
     ``requires_grad`` flags, any existing ``.grad`` tensors and the training flag (Grad-CAM switches
     to eval mode) are restored afterwards.
 
+    ``method`` picks the variant from ``pytorch_grad_cam`` (:data:`CAM_METHODS`): ``gradcam``
+    (channel weights = mean gradient; the paper's), ``hirescam`` (gradient x activation per pixel,
+    faithful to the model's own computation at that layer), ``layercam`` (positive gradients x
+    activation per pixel, made for earlier, finer layers) or ``gradcam++``.
+
     Returns:
         float32 ``(N, H, W)`` in [0, 1]. ``pytorch_grad_cam`` min-max scales each map per image, so
         values are relative to the image's own maximum. With ``return_raw`` a pair
         ``(scaled, raw)``, ``raw`` the float32 ``(N, H, W)`` maps before ReLU and scaling.
     """
-    from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam_class = cam_method(method)
 
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
         shape = getattr(inputs, "shape", None)
@@ -264,7 +344,7 @@ def compute_gradcam(
     saved_grads = [p.grad for p in params]
     maps: list[np.ndarray] = []
     raws: list[np.ndarray] = []
-    cam_class = _raw_gradcam_class(GradCAM) if return_raw else GradCAM
+    cam_class = _raw_gradcam_class(cam_class) if return_raw else cam_class
     try:
         with (
             torch.inference_mode(False),
@@ -310,3 +390,67 @@ def compute_gradcam(
         return result
     raw = _resize_maps(np.concatenate(raws, axis=0), h, w)
     return result, np.nan_to_num(raw, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+
+def cam_map_size(
+    net: nn.Module, layer: nn.Module, input_size: int | tuple[int, int]
+) -> tuple[int, int]:
+    """``(h, w)`` of ``layer``'s feature map at ``input_size``: the CAM's native resolution.
+
+    Grad-CAM upsamples this map to the input, so a 2 x 2 map drawn at 64 px still has only four
+    independent values; the report warns when it is coarser than the paper's 7 x 7.
+    """
+    _, backbone = _find_backbone(net)
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    shape = _probe_output_shape(backbone, layer, hw)  # type: ignore[arg-type]
+    return int(shape[-2]), int(shape[-1])
+
+
+def randomised_copy(net: nn.Module, seed: int = 0) -> nn.Module:
+    """A deep copy of ``net`` with every learnable layer re-initialised (the model-parameter
+    randomisation test of Adebayo et al. 2018, all layers at once); ``net`` is untouched."""
+    import copy
+
+    rand = copy.deepcopy(net)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for module in rand.modules():
+            if module is not rand and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            if hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return rand
+
+
+def map_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each pair of maps ``(N, H, W)``; nan where a map is flat."""
+    from scipy.stats import spearmanr
+
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    out = np.full(len(a), np.nan)
+    for i in range(len(a)):
+        if np.ptp(a[i]) > 0 and np.ptp(b[i]) > 0:
+            out[i] = float(spearmanr(a[i], b[i]).statistic)
+    return out
+
+
+def randomisation_check(
+    net: nn.Module,
+    inputs: torch.Tensor,
+    targets: Sequence[int],
+    cams: np.ndarray,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> np.ndarray:
+    """Per image: Spearman similarity of the trained model's CAM to the same model's CAM with
+    randomised weights. CAMs that survive randomisation (high similarity) explain the input's
+    edges, not what the model learned."""
+    rand = randomised_copy(net, seed=seed)
+    layer = resolve_cam_layer(rand, input_size=tuple(inputs.shape[-2:]))
+    rand_cams = compute_gradcam(rand, inputs, targets, batch_size=batch_size, layer=layer)
+    return map_similarity(cams, rand_cams)

@@ -5,11 +5,14 @@ and the per-run callback can reuse the small grid helper; neither needs Lightnin
 
 Colour conventions follow the paper:
 
-* average CAMs use ``jet`` over [0, 1] (Grad-CAM maps are min-max scaled per image);
+* average CAMs use the perceptually uniform ``viridis`` over [0, 1] (Grad-CAM maps are min-max
+  scaled per image), opaque, with the class mean image's outline on top;
 * the CAM difference map is ``ventilation mean CAM - perfusion mean CAM`` on the diverging ``RdBu``
   map centred at 0, so **red = perfusion higher, blue = ventilation higher, white = no difference**
   (``RdBu`` runs red -> white -> blue from negative to positive);
-* significant pixels of the pixel-wise t-test are drawn in colour over the grey mean CAM.
+* significant pixels of the pixel-wise t-test are outlined and hatched in green (a colour that
+  means nothing else there) over the grey mean test image;
+* every image panel is an anterior view: the patient's right on the viewer's left (R / L, ANT).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: never needs a display
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap, TwoSlopeNorm  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,39 @@ def _off(ax: plt.Axes) -> None:
     ax.set_yticks([])
 
 
+#: Perceptually uniform sequential map of the CAMs (Fig. 2), and the significance colour of
+#: Fig. 3: a green used for nothing else in that figure (not in RdBu, not in the grey base).
+CAM_CMAP = "viridis"
+SIG_COLOUR = "#00c853"
+_CAM_UNIT = "mean Grad-CAM (per-image min-max scaled, 0-1)"
+
+
+def _orient(ax: plt.Axes, colour: str = "white") -> None:
+    """Anterior view markers: the patient's right on the viewer's left (R, L) and 'ANT'."""
+    style = dict(transform=ax.transAxes, fontsize=7, color=colour, fontweight="bold")
+    ax.text(0.03, 0.5, "R", ha="left", va="center", **style)
+    ax.text(0.97, 0.5, "L", ha="right", va="center", **style)
+    ax.text(0.03, 0.97, "ANT", ha="left", va="top", **style)
+
+
+def _contour(ax: plt.Axes, image: np.ndarray | None, colour: str = "white") -> None:
+    """The body/lung outline of a mean image (25 % and 60 % of its maximum) over another map."""
+    if image is None:
+        return
+    img = np.asarray(image, dtype=np.float64)
+    top = float(np.nanmax(img)) if np.isfinite(img).any() else 0.0
+    if top <= 0:
+        return
+    ax.contour(img, levels=[0.25 * top, 0.6 * top], colors=colour, linewidths=[0.6, 0.9])
+
+
+def _grid(n_rows: int, n_cols: int, cell: float = 2.3):
+    """A figure whose image columns line up in every row, plus one thin colour-bar column."""
+    fig = plt.figure(figsize=(cell * n_cols + 1.3, cell * n_rows + 0.7), layout="constrained")
+    gs = fig.add_gridspec(n_rows, n_cols + 1, width_ratios=[1.0] * n_cols + [0.06])
+    return fig, gs
+
+
 def fig_average_cams(
     mean_images: Mapping[str, np.ndarray],
     mean_cams: Mapping[str, Mapping[str, np.ndarray]],
@@ -76,6 +113,10 @@ def fig_average_cams(
     counts: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Path:
     """Paper Fig. 2: per-class average test image (top row), then per model its per-class mean CAM.
+
+    The CAMs are drawn opaque on ``viridis`` (0-1, one colour bar per row, with its unit), with
+    the outline of that class's mean image on top, so each map is read against the anatomy; the
+    image row has its own grey scale bar. Every panel carries the anterior-view markers.
 
     Args:
         mean_images: ``{class_name: (H, W)}`` average image per class.
@@ -88,40 +129,40 @@ def fig_average_cams(
     if not classes:
         raise ValueError("fig_average_cams: no classes to draw")
     rows: list[str | None] = [None, *mean_cams]
-    fig, axes = plt.subplots(
-        len(rows),
-        len(classes),
-        figsize=(2.6 * len(classes) + 1.0, 2.6 * len(rows)),
-        squeeze=False,
-        layout="constrained",
-    )
-    cam_im = None
+    fig, gs = _grid(len(rows), len(classes))
     for r, model in enumerate(rows):
+        mappable = None
         for c, cls in enumerate(classes):
-            ax = axes[r][c]
+            ax = fig.add_subplot(gs[r, c])
             _off(ax)
+            base = mean_images.get(cls)
             if model is None:
-                img = mean_images.get(cls)
-                if img is not None:
-                    ax.imshow(np.asarray(img, dtype=np.float64), cmap="gray")
+                if base is not None:
+                    mappable = ax.imshow(np.asarray(base, dtype=np.float64), cmap="gray")
+                    _orient(ax)
                 ax.set_title(f"{cls}: average image", fontsize=9)
+                continue
+            cam = mean_cams[model].get(cls)
+            if cam is None:
+                shape = next((np.shape(v) for v in mean_cams[model].values()), (2, 2))
+                ax.imshow(np.full(shape, np.nan))  # same box as its neighbours: columns line up
+                ax.text(0.5, 0.5, "no CAMs", ha="center", va="center", transform=ax.transAxes)
             else:
-                cam = mean_cams[model].get(cls)
-                if cam is not None:
-                    base = mean_images.get(cls)
-                    if base is not None and np.shape(base) == np.shape(cam):
-                        ax.imshow(np.asarray(base, dtype=np.float64), cmap="gray")
-                        cam_im = ax.imshow(cam, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.5)
-                    else:
-                        cam_im = ax.imshow(cam, cmap="jet", vmin=0.0, vmax=1.0)
-                else:
-                    ax.text(0.5, 0.5, "no CAMs", ha="center", va="center", transform=ax.transAxes)
-                n = (counts or {}).get(model, {}).get(cls)
-                suffix = f" (n={n})" if n is not None else ""
-                ax.set_title(f"{model}\n{cls}{suffix}", fontsize=8)
-    if cam_im is not None:
-        fig.colorbar(cam_im, ax=axes[1:, :].ravel().tolist(), shrink=0.6, label="mean Grad-CAM")
-    fig.suptitle("Average test image and average Grad-CAM per class", fontsize=11)
+                mappable = ax.imshow(cam, cmap=CAM_CMAP, vmin=0.0, vmax=1.0)
+                if base is not None and np.shape(base) == np.shape(cam):
+                    _contour(ax, base)
+                _orient(ax)
+            n = (counts or {}).get(model, {}).get(cls)
+            ax.set_title(f"{model}: {cls}" + (f" (n={n})" if n is not None else ""), fontsize=8)
+        if mappable is not None:
+            cb = fig.colorbar(mappable, cax=fig.add_subplot(gs[r, -1]))
+            cb.set_label("mean counts (0-255)" if model is None else _CAM_UNIT, fontsize=6)
+            cb.ax.tick_params(labelsize=6)
+    fig.suptitle(
+        "Fig. 2: average test image and average\nGrad-CAM of the true class "
+        "(white: outline\nof the class mean image)",
+        fontsize=9,
+    )
     return _save(fig, path)
 
 
@@ -136,63 +177,86 @@ def fig_cam_statistics(
     per_model: Mapping[str, Mapping[str, Any]],
     path: str | Path,
     alpha: float = 0.05,
+    mean_image: np.ndarray | None = None,
 ) -> Path:
     """Paper Fig. 3, extended: difference map and significant pixels, three ways.
 
     One row per model. Column 1: ``diff = ventilation mean CAM - perfusion mean CAM`` on ``RdBu``
-    centred at 0 (red: perfusion higher, blue: ventilation higher). Columns 2-4: pixels with
-    p < alpha from the pixel-wise two-sample t-test - uncorrected (the paper), Benjamini-Hochberg
-    FDR, and max-T permutation (family-wise) - in red over the grey mean CAM, with the fraction of
-    significant pixels under each panel.
+    centred at 0 (red: perfusion higher, blue: ventilation higher), with the outline of the mean
+    test image in black and a colour bar in CAM units. Columns 2-4: pixels with p < alpha from
+    the pixel-wise two-sample t-test - uncorrected (the paper), Benjamini-Hochberg FDR, and max-T
+    permutation (family-wise) - outlined and hatched in :data:`SIG_COLOUR` (a colour used for
+    nothing else) over the grey mean image (the mean CAM when no image is given), with the
+    fraction of significant pixels under each panel.
 
     Args:
         per_model: ``{model: {"diff": (H, W), "mean_cam": (H, W), "p_mask": bool (H, W),
             "fdr_mask": ..., "fwer_mask": ...}}``; a missing mask key draws "not computed".
+        mean_image: ``(H, W)`` mean test image (both classes) drawn under every panel.
     """
     if not per_model:
         raise ValueError("fig_cam_statistics: no models to draw")
     ncol = 1 + len(_MASK_KEYS)
-    fig, axes = plt.subplots(
-        len(per_model),
-        ncol,
-        figsize=(2.9 * ncol + 0.8, 3.2 * len(per_model) + 0.6),
-        squeeze=False,
-        layout="constrained",
-    )
-    sig_cmap = ListedColormap([(0, 0, 0, 0), (1.0, 0.1, 0.1, 0.85)])
+    fig = plt.figure(figsize=(2.5 * ncol + 1.6, 2.9 * len(per_model) + 0.9), layout="constrained")
+    gs = fig.add_gridspec(len(per_model), ncol + 1, width_ratios=[0.06, *([1.0] * ncol)])
     for r, (model, d) in enumerate(per_model.items()):
         diff = np.asarray(d["diff"], dtype=np.float64)
         lim = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0
         lim = lim if lim > 0 else 1e-6
-        ax = axes[r][0]
+        base = mean_image if mean_image is not None and np.shape(mean_image) == diff.shape else None
+        ax = fig.add_subplot(gs[r, 1])
         im = ax.imshow(diff, cmap=DIFF_CMAP, norm=TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim))
+        _contour(ax, base, colour="black")
+        _orient(ax, colour="black")
         _off(ax)
-        ax.set_title(f"{model}\nvent - perf mean CAM", fontsize=9)
-        ax.set_xlabel("red: perfusion higher\nblue: ventilation higher", fontsize=8)
-        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-        cb.ax.tick_params(labelsize=7)
-        base = d.get("mean_cam")
-        for c, (key, label) in enumerate(_MASK_KEYS, start=1):
-            ax = axes[r][c]
+        ax.set_title(f"{model}: vent - perf", fontsize=8)
+        ax.set_xlabel("red: perfusion higher\nblue: ventilation higher", fontsize=7)
+        cb = fig.colorbar(im, cax=fig.add_subplot(gs[r, 0]))
+        cb.set_label("difference of mean Grad-CAM (0-1 units)", fontsize=7)
+        cb.ax.yaxis.set_ticks_position("left")
+        cb.ax.yaxis.set_label_position("left")
+        cb.ax.tick_params(labelsize=6)
+        under = base if base is not None else d.get("mean_cam")
+        for c, (key, label) in enumerate(_MASK_KEYS, start=2):
+            ax = fig.add_subplot(gs[r, c])
             _off(ax)
-            if base is not None:
-                base_arr = np.asarray(base, dtype=np.float64)
-                top = float(np.nanmax(base_arr)) if np.isfinite(base_arr).any() else 1.0
-                ax.imshow(base_arr, cmap="gray", vmin=0.0, vmax=top if top > 0 else 1.0)
+            if under is not None:
+                arr = np.asarray(under, dtype=np.float64)
+                top = float(np.nanmax(arr)) if np.isfinite(arr).any() else 1.0
+                ax.imshow(arr, cmap="gray", vmin=0.0, vmax=top if top > 0 else 1.0)
             mask = d.get(key)
             if mask is None:
                 ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
             else:
                 mask = np.asarray(mask, dtype=bool)
-                ax.imshow(
-                    mask.astype(np.float64), cmap=sig_cmap, vmin=0, vmax=1, interpolation="nearest"
-                )
-            ax.set_title(f"p < {alpha:g}, {label}", fontsize=9)
-            ax.set_xlabel(_pct(mask), fontsize=8)
+                if mask.any() and not mask.all():
+                    m = mask.astype(np.float64)
+                    with plt.rc_context({"hatch.linewidth": 0.4}):
+                        ax.contourf(m, levels=[0.5, 1.5], colors="none", hatches=["///"])
+                    ax.contour(m, levels=[0.5], colors=SIG_COLOUR, linewidths=1.0)
+                    for coll in ax.collections:  # the hatch lines in the significance colour
+                        coll.set_edgecolor(SIG_COLOUR)
+                elif mask.all():
+                    ax.patch.set_edgecolor(SIG_COLOUR)
+                    ax.add_patch(
+                        matplotlib.patches.Rectangle(
+                            (0, 0),
+                            1,
+                            1,
+                            transform=ax.transAxes,
+                            fill=False,
+                            hatch="////",
+                            edgecolor=SIG_COLOUR,
+                            lw=0,
+                        )
+                    )
+            _orient(ax)
+            ax.set_title(f"p < {alpha:g}, {label}", fontsize=8)
+            ax.set_xlabel(_pct(mask), fontsize=7)
     fig.suptitle(
-        "Ventilation - perfusion Grad-CAM: difference (red: perfusion higher, blue: ventilation\n"
-        "higher) and pixel-wise t-test (significant pixels in red over the grey mean CAM)",
-        fontsize=10,
+        "Fig. 3: ventilation - perfusion Grad-CAM difference (left) and pixel-wise t-test\n"
+        "(significant pixels outlined and hatched in green over the mean test image)",
+        fontsize=9,
     )
     return _save(fig, path)
 
@@ -344,3 +408,43 @@ def render_overlay(
     fig.savefig(tmp, format="png")
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------- calibration
+__all__ += ["fig_reliability"]
+
+
+def fig_reliability(
+    points: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    ece: Mapping[str, float] | None = None,
+) -> Path:
+    """Reliability diagram: per model, the share of perfusion studies against the mean predicted
+    P(perfusion) in each probability bin (marker area ~ images in the bin); the diagonal is
+    perfect calibration."""
+    if not points:
+        raise ValueError("fig_reliability: no models to draw")
+    fig, ax = plt.subplots(figsize=(5.0, 4.8), layout="constrained")
+    colours = plt.get_cmap("tab10")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    for i, (model, bins) in enumerate(points.items()):
+        x = [b["mean_p"] for b in bins]
+        y = [b["frac_pos"] for b in bins]
+        n = np.array([b["n"] for b in bins], dtype=np.float64)
+        label = model
+        if ece and finite_number(ece.get(model)):
+            label += f" (ECE {ece[model]:.3f})"
+        ax.plot(x, y, "-", color=colours(i % 10), lw=1.2, label=label)
+        ax.scatter(x, y, s=12 + 60 * n / max(n.max(), 1), color=colours(i % 10), zorder=3)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("mean predicted P(perfusion) in the bin")
+    ax.set_ylabel("share of perfusion studies in the bin")
+    ax.set_title("Reliability diagram (test, pooled over seeds)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)
+
+
+def finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(float(v))

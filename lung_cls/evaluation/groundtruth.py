@@ -201,3 +201,88 @@ def score_cams(
 
 #: The truth masks among ``cams.npz`` arrays; the run-dir contract owns the ``mask_`` prefix.
 masks_from_npz = masks_of
+
+
+# --------------------------------------------------------------------------- the neck measure
+#: The phantom's neck activity (the paper's main ventilation cue): trachea, oropharynx, oesophagus.
+NECK_MASKS: tuple[str, ...] = ("trachea", "oropharynx", "esophagus")
+#: The issue's bar for CAMs that "resolve anatomy": energy >= 2x the (dilated) masks' area share,
+#: and the CAM maximum inside them in at least half the images.
+NECK_ENERGY_RATIO_MIN = 2.0
+NECK_HIT_RATE_MIN = 0.5
+#: The paper's CAM resolution (224 px, stride 32): coarser maps get a warning in the report.
+PAPER_CAM_GRID = 7
+
+
+def cell_tolerance_px(image_size: int, grid: int | None) -> float:
+    """Half a CAM cell in image pixels: a CAM cannot place a peak finer than its own cell."""
+    if not grid or grid <= 0:
+        return 0.0
+    return 0.5 * float(image_size) / float(grid)
+
+
+def neck_scores(
+    cams: Any, labels: Any, masks: Mapping[str, Any], tolerance_px: float = 0.0
+) -> dict[str, Any]:
+    """The neck measure on the neck-positive ventilation images (trachea mask not empty).
+
+    The target is the union of :data:`NECK_MASKS` present, grown by ``tolerance_px``. Returns
+    ``n`` (images scored), ``energy_share`` and ``chance_share`` (the grown union's area share:
+    what a flat CAM scores), ``energy_ratio``, ``hit_rate`` (CAM maximum inside the target, plateaus
+    counted by share) and ``hit_chance`` (the same area share: a peak placed at random), and
+    ``passes`` (both bars met). All nan and ``passes`` None when there is no such image or no
+    trachea mask (not phantom data).
+    """
+    c = _check_cams(cams)
+    y = np.asarray(labels).reshape(-1)
+    present = [n for n in NECK_MASKS if n in masks]
+    empty = {
+        "n": 0,
+        "tolerance_px": float(tolerance_px),
+        "energy_share": math.nan,
+        "chance_share": math.nan,
+        "energy_ratio": math.nan,
+        "hit_rate": math.nan,
+        "hit_chance": math.nan,
+        "passes": None,
+    }
+    if "trachea" not in present or y.shape != (c.shape[0],):
+        return empty
+    checked = {n: _check_masks(masks[n], c.shape, f"mask {n!r}") for n in present}
+    sel = (y == 0) & checked["trachea"].any(axis=(1, 2))
+    if not sel.any():
+        return empty
+    union = np.zeros((int(sel.sum()), *c.shape[1:]), dtype=bool)
+    for n in present:
+        union |= checked[n][sel]
+    target = np.stack([_dilate(m, tolerance_px) for m in union])
+    sub = c[sel]
+    energy = _nanmean(cam_energy_fraction(sub, target))
+    chance = _nanmean(chance_level(target))
+    hits = _nanmean(pointing_game(sub, target))
+    ratio = energy / chance if chance > 0 else math.nan
+    return {
+        **empty,
+        "n": int(sel.sum()),
+        "energy_share": energy,
+        "chance_share": chance,
+        "energy_ratio": ratio,
+        "hit_rate": hits,
+        "hit_chance": chance,
+        "passes": bool(ratio >= NECK_ENERGY_RATIO_MIN and hits >= NECK_HIT_RATE_MIN),
+    }
+
+
+def coarse_cam_warning(grid: tuple[int, int] | None, model: str) -> str | None:
+    """A warning line when a model's CAM feature map is coarser than the paper's 7 x 7."""
+    if grid is None:
+        return None
+    h, w = int(grid[0]), int(grid[1])
+    if min(h, w) >= PAPER_CAM_GRID:
+        return None
+    return (
+        f"{model}: its CAMs come from a {h} x {w} feature map, coarser than the paper's "
+        f"{PAPER_CAM_GRID} x {PAPER_CAM_GRID}: each map has only {h * w} independent values, "
+        "so they cannot resolve the neck or the heart (use a larger input, model.cam_layer or "
+        "model.output_stride)"
+    )

@@ -57,6 +57,8 @@ class LungClassifier(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         name: str | None = None,
+        output_stride: int | None = None,
+        cam_layer: str | int | None = None,
     ) -> None:
         super().__init__()
         # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True).
@@ -68,8 +70,9 @@ class LungClassifier(L.LightningModule):
             num_classes=num_classes,
             in_chans=in_chans,
             drop_rate=drop_rate,
+            output_stride=output_stride,
         )
-        self.model = LungNet(net, in_chans)
+        self.model = LungNet(net, in_chans, cam_layer=cam_layer)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # torch.compile is opt-in (model.compile=true): on 100 short epochs its compile time (train,
@@ -255,8 +258,9 @@ def load_lung_net(
         pretrained=False,
         num_classes=int(hp.get("num_classes", 2)),
         in_chans=int(hp.get("in_chans", 3)),
+        output_stride=hp.get("output_stride"),
     )
-    model = LungNet(net, int(hp.get("in_chans", 3)))
+    model = LungNet(net, int(hp.get("in_chans", 3)), cam_layer=hp.get("cam_layer"))
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.eval()

@@ -90,7 +90,7 @@ class TorchMember:
         x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)[:, None]
         x = x.to(self.device)
         return compute_gradcam(
-            self.net, x, targets, batch_size=batch_size, layer=resolve_cam_layer(self.net.net)
+            self.net, x, targets, batch_size=batch_size, layer=resolve_cam_layer(self.net)
         )
 
 

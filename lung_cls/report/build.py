@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from lung_cls.report import cams, figures, render, tables
+from lung_cls.report import cams, checks, figures, neck, render, setup, tables
 from lung_cls.report.discover import (
     RunRecord,
     SweepNotFoundError,
@@ -62,6 +62,7 @@ class _Report:
     figures: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     cam_mask: Any = "auto"  # settings.cam_mask as cams.body_mask takes it (a file: its array)
+    setup: dict[str, str] = field(default_factory=dict)
 
 
 def build_report(
@@ -102,11 +103,16 @@ def build_report(
     mask = load_cam_mask(cam_mask)  # a bad mask file stops here, before any work
     rep = _start(sweep_dir, out_dir, settings)
     rep.cam_mask = mask
+    if not any(r.status == "ok" for r in rep.runs):
+        return _failure_report(rep)
+    rep.setup = setup.setup_facts(rep.runs)
+    rep.data["setup"] = rep.setup
     by_model = runs_by_model(rep.runs, rep.notes)
     _add_table1(rep, by_model)
+    _add_cams(rep, by_model)  # Figs. 2 and 3 before Fig. 4: the paper's order
     _add_roc(rep, by_model)
     _add_model_comparison(rep, by_model)
-    _add_cams(rep, by_model)
+    _add_checks(rep, by_model)
     _add_wandb(rep, log_wandb)
     _finish(rep)
     n_ok = sum(r.status == "ok" and r.test_metrics is not None for r in rep.runs)
@@ -162,7 +168,8 @@ def _add_table1(rep: _Report, by_model: RunsByModel) -> None:
     rep.tables["table1"] = t1
     rep.data["table1"] = details
     confusion = tables.confusion_table(details)
-    rep.sections.append(render.table1_section(t1, shown, pooled, confusion, n_boot))
+    caption = setup.comparison_caption(rep.setup)
+    rep.sections.append(render.table1_section(t1, shown, pooled, confusion, n_boot, caption))
 
 
 def _add_roc(rep: _Report, by_model: RunsByModel) -> None:
@@ -202,6 +209,7 @@ def _add_cams(rep: _Report, by_model: RunsByModel) -> None:
         return
     _add_average_cams(rep, model_cams)
     _add_cam_statistics(rep, model_cams)
+    _add_neck(rep, by_model, model_cams)
     _add_groundtruth(rep, model_cams)
 
 
@@ -226,9 +234,27 @@ def _add_cam_statistics(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) 
     figure = None
     if maps:
         figure = rep.figures[figures.CAM_STATISTICS] = figures.draw_cam_statistics(
-            maps, rep.out, s.alpha
+            maps, rep.out, s.alpha, cams.mean_images(model_cams)
         )
     rep.sections.append(render.cam_statistics_section(figure, tables.cam_statistics_table(info)))
+
+
+def _add_neck(
+    rep: _Report, by_model: RunsByModel, model_cams: Mapping[str, cams.ModelCams]
+) -> None:
+    """The paper's finding measured: ventilation CAMs inside the neck masks, against chance."""
+    grids = {m: neck.cam_grid(by_model[m]) for m in model_cams}
+    table, details, warnings = neck.neck_table(model_cams, grids)
+    rep.data["cam_grid"] = {m: list(g) if g else None for m, g in grids.items()}
+    rep.notes.extend(warnings)
+    if table.empty:
+        rep.sections.append(render.neck_section(None, warnings))
+        return
+    shown = neck.neck_display(table)
+    render.write_table(rep.out, "cam_neck", render.NECK_TITLE, table, shown)
+    rep.tables["cam_neck"] = table
+    rep.data["cam_neck"] = details
+    rep.sections.append(render.neck_section(shown, warnings))
 
 
 def _add_groundtruth(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) -> None:
@@ -244,6 +270,32 @@ def _add_groundtruth(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) -> 
     rep.sections.append(render.groundtruth_section(shown))
 
 
+def _add_checks(rep: _Report, by_model: RunsByModel) -> None:
+    """Subgroups by neck activity, calibration with its reliability diagram, CAM randomisation."""
+    sub, sub_info = checks.subgroup_table(by_model)
+    rep.data["subgroups"] = sub_info
+    if not sub.empty:
+        render.write_table(rep.out, "subgroups", render.SUBGROUP_TITLE, sub, sub)
+    rep.sections.append(render.subgroup_section(sub if not sub.empty else None))
+    cal, cal_info = checks.calibration_table(by_model)
+    rep.data["calibration"] = cal_info
+    figure = None
+    if not cal.empty:
+        render.write_table(rep.out, "calibration", render.CALIBRATION_TITLE, cal, cal)
+        ece = {m: d["ece"] for m, d in cal_info.items()}
+        points = checks.reliability_points(cal_info)
+        if points:
+            figure = rep.figures[figures.RELIABILITY] = figures.draw_reliability(
+                points, ece, rep.out
+            )
+    rep.sections.append(render.calibration_section(cal if not cal.empty else None, figure))
+    rnd, rnd_info = checks.randomisation_table(by_model)
+    rep.data["cam_randomisation"] = rnd_info
+    if not rnd.empty:
+        render.write_table(rep.out, "cam_randomisation", render.RANDOMISATION_TITLE, rnd, rnd)
+    rep.sections.append(render.randomisation_section(rnd if not rnd.empty else None))
+
+
 def _add_wandb(rep: _Report, log_wandb: bool | None) -> None:
     """The figures and tables to W&B when asked (or when the runs used it); never fatal."""
     if log_wandb is False or not want_wandb(log_wandb, rep.runs):
@@ -255,6 +307,22 @@ def _add_wandb(rep: _Report, log_wandb: bool | None) -> None:
         rep.notes.append(f"W&B logging failed: {err}")
 
 
+def _failure_report(rep: _Report) -> Path:
+    """No run finished: a short report of the errors, identical ones grouped, and nothing else."""
+    groups = setup.error_groups(rep.runs)
+    rep.data["error_groups"] = groups
+    render.write_json(rep.out, rep.data)
+    render.write_html(rep.out, render.failure_document(rep.sweep, rep.runs, rep.missing, groups))
+    log.error(
+        "No run of %s finished (%d runs, %d distinct errors): failure report in %s",
+        rep.sweep,
+        len(rep.runs),
+        len(groups),
+        rep.out,
+    )
+    return rep.out
+
+
 def _finish(rep: _Report) -> None:
     """report.json, then report.html (the notes last on the page)."""
     rep.data["notes"] = rep.notes
@@ -262,5 +330,7 @@ def _finish(rep: _Report) -> None:
     if rep.notes:
         rep.sections.append(render.notes_section(rep.notes))
     render.write_json(rep.out, rep.data)
-    page = render.html_document(rep.sweep, rep.sections, rep.runs, rep.missing, rep.settings)
+    page = render.html_document(
+        rep.sweep, rep.sections, rep.runs, rep.missing, rep.settings, setup=rep.setup
+    )
     render.write_html(rep.out, page)

@@ -20,6 +20,7 @@ from lung_cls.report.tables import Curve
 
 #: File names of the figures in the report folder (``report.json["figures"]`` keys + ".png").
 ROC, AVERAGE_CAMS, CAM_STATISTICS = "fig4_roc", "fig2_average_cams", "fig3_cam_statistics"
+RELIABILITY = "fig5_reliability"
 
 
 def _drawn_atomically(draw: Callable[..., Path], path: Path, *args: Any, **kwargs: Any) -> Path:
@@ -55,11 +56,34 @@ def draw_average_cams(
 
 
 def draw_cam_statistics(
-    per_model: Mapping[str, Mapping[str, Any]], out_dir: Path, alpha: float
+    per_model: Mapping[str, Mapping[str, Any]],
+    out_dir: Path,
+    alpha: float,
+    mean_images: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Fig. 3: difference map and the pixels significant uncorrected, under FDR and max-T."""
+    """Fig. 3: difference map and the pixels significant uncorrected, under FDR and max-T, over
+    the mean test image (the classes' mean images averaged, each class weighing the same)."""
     from lung_cls.evaluation.figures import fig_cam_statistics
 
-    return _drawn_atomically(
-        fig_cam_statistics, out_dir / f"{CAM_STATISTICS}.png", per_model, alpha=alpha
+    shapes = {np.shape(v) for v in (mean_images or {}).values()}
+    base = (
+        np.mean([np.asarray(v, dtype=np.float64) for v in mean_images.values()], axis=0)
+        if mean_images and len(shapes) == 1
+        else None
     )
+    return _drawn_atomically(
+        fig_cam_statistics,
+        out_dir / f"{CAM_STATISTICS}.png",
+        per_model,
+        alpha=alpha,
+        mean_image=base,
+    )
+
+
+def draw_reliability(
+    points: Mapping[str, Sequence[Mapping[str, float]]], ece: Mapping[str, float], out_dir: Path
+) -> Path:
+    """Reliability diagram of every model (test predictions pooled over seeds)."""
+    from lung_cls.evaluation.figures import fig_reliability
+
+    return _drawn_atomically(fig_reliability, out_dir / f"{RELIABILITY}.png", points, ece=ece)

@@ -113,14 +113,18 @@ def table1_section(
     pooled: pd.DataFrame | None = None,
     confusion: pd.DataFrame | None = None,
     n_boot: int = 0,
+    caption: str = "",
 ) -> Section:
     """Table 1 with the pooled CIs, the summed confusion matrices and every number folded away;
-    ``t1=None``: no finished run."""
+    ``t1=None``: no finished run. ``caption`` says how this sweep's set-up differs from the
+    paper's (the setup box's words)."""
     if t1 is None:
         return _message("Table 1", "No finished run.")
     return (
-        "Table 1: test metrics (mean ± SD over seeds) vs the paper",
-        html_table(shown)
+        "Table 1: this sweep's test metrics (mean ± SD over seeds) beside the paper's - "
+        "a comparison of set-ups that differ",
+        (f'<p class="warn">{html.escape(caption)}</p>' if caption else "")
+        + html_table(shown)
         + f"<h3>Pooled over seeds, image-level stratified bootstrap 95% CI ({n_boot} resamples)</h3>"
         + f"<p class='note'>{_POOLED_CAVEAT}</p>"
         + html_table(pooled)
@@ -166,12 +170,73 @@ def cam_statistics_section(figure: Path | None, fractions: pd.DataFrame) -> Sect
     )
 
 
+NECK_TITLE = (
+    "Do the ventilation CAMs find the neck? (phantom truth, neck-positive ventilation images)"
+)
+
+
+def neck_section(shown: pd.DataFrame | None, warnings: Sequence[str]) -> Section:
+    """The paper's finding as a number: the neck measure with its chance levels and bars."""
+    warn = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)
+    if shown is None:
+        return _message(NECK_TITLE, "No trachea masks in cams.npz (not phantom data): skipped.")
+    legend = (
+        "<p class='note'>Target: the trachea, oropharynx and oesophagus masks, grown by half a "
+        "CAM cell (a map cannot place its peak more finely). 'CAM energy inside': share of each "
+        "map's sum inside the target; chance is the target's area share (a flat map). 'CAM max "
+        "inside': share of images whose maximum lies in the target; chance is the same area "
+        "share. Bars from the issue: energy ratio at least 2, maximum inside in at least half "
+        "the images.</p>"
+    )
+    return NECK_TITLE, warn + html_table(shown) + legend
+
+
 def groundtruth_section(shown: pd.DataFrame | None) -> Section:
     if shown is None:
         return _message(
             "Grad-CAM vs truth masks", "No truth masks (mask_* arrays) in cams.npz: skipped."
         )
     return "Grad-CAM vs truth masks (phantom)", html_table(shown)
+
+
+SUBGROUP_TITLE = "Subgroups: ventilation studies with and without neck activity (phantom truth)"
+CALIBRATION_TITLE = "Calibration: expected calibration error and Brier score (test)"
+RANDOMISATION_TITLE = "CAM sanity check: model-parameter randomisation (Adebayo et al. 2018)"
+
+
+def subgroup_section(table: pd.DataFrame | None) -> Section:
+    if table is None:
+        return _message(SUBGROUP_TITLE, "No neck truth (mask_trachea in cams.npz): skipped.")
+    return SUBGROUP_TITLE, html_table(table) + (
+        "<p class='note'>Perfusion is positive, so the share of ventilation studies recognised "
+        "is the specificity. Each distinct test image counts once (its prediction: the majority "
+        "of the seeds); 95% Wilson intervals. A model that learned the neck shadow recognises "
+        "ventilation studies with neck activity and misses those without.</p>"
+    )
+
+
+def calibration_section(table: pd.DataFrame | None, figure: Path | None) -> Section:
+    if table is None:
+        return _message(CALIBRATION_TITLE, "No test predictions: skipped.")
+    fig = img_tag(figure, "reliability diagram") if figure is not None else ""
+    return CALIBRATION_TITLE, html_table(table) + fig + (
+        "<p class='note'>ECE: mean |share of perfusion - mean P(perfusion)| over 15 equal-width "
+        "bins, weighted by the images in each bin (torchmetrics). Brier: mean squared error of "
+        "P(perfusion). 0 is perfect for both.</p>"
+    )
+
+
+def randomisation_section(table: pd.DataFrame | None) -> Section:
+    if table is None:
+        return _message(
+            RANDOMISATION_TITLE,
+            "No cam_randomised_similarity in cams.npz (runs older than this check): skipped.",
+        )
+    return RANDOMISATION_TITLE, html_table(table) + (
+        "<p class='note'>Spearman rank correlation between each test CAM of the trained model and "
+        "the CAM of the same architecture with all weights re-initialised. High similarity means "
+        "the maps follow the image, not the learned weights, and are no explanation.</p>"
+    )
 
 
 def notes_section(notes: Sequence[str]) -> Section:
@@ -241,6 +306,44 @@ table.tbl{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 table.tbl th,table.tbl td{border:1px solid #ccc;padding:3px 6px;text-align:right}
 table.tbl th{background:#f0f0f0} pre{background:#fbeaea;padding:6px;white-space:pre-wrap;font-size:0.8em}
 .note{color:#555;font-size:0.9em}
+.setup{border:2px solid #345;padding:0 1em 0.6em;margin:1em 0;background:#f6f8fb}
+.setup th{text-align:left;padding-right:1em;vertical-align:top;white-space:nowrap}
+.warn{background:#fff4d6;border-left:4px solid #d08700;padding:4px 8px}
+"""
+
+
+def setup_box(facts: Mapping[str, str]) -> str:
+    """The box at the top of the page: what was run, in one glance."""
+    if not facts:
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in facts.items()
+    )
+    return f'<div class="setup"><h2 id="setup">What was run</h2><table>{rows}</table></div>'
+
+
+def failure_document(
+    sweep_dir: Path, runs: Sequence[RunRecord], missing: Sequence[str], groups: Sequence[Mapping]
+) -> str:
+    """The short page of a sweep in which no run finished: each distinct error once."""
+    items = "".join(
+        f"<li><b>{len(g['runs'])} run(s)</b> ({html.escape(str(g['status']))}): "
+        f"<pre>{html.escape(str(g['error']))}</pre><span class='note'>"
+        f"{html.escape(', '.join(g['runs'][:10]))}"
+        f"{' ...' if len(g['runs']) > 10 else ''}</span></li>"
+        for g in groups
+    )
+    miss = f"<p>{len(missing)} job(s) left no run dir.</p>" if missing else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lung_cls: no run finished</title>
+<style>{_STYLE}</style></head><body>
+<h1>No finished run in this sweep</h1>
+<p>Sweep dir: <code>{html.escape(str(sweep_dir))}</code>: {len(runs)} run dir(s), none finished;
+{len(groups)} distinct error(s) (the same message with other paths or numbers counts once).
+No tables or figures were made. Each run's own log is <code>train.log</code> in its dir.</p>
+{miss}<ul>{items}</ul>
+</body></html>
 """
 
 
@@ -250,8 +353,9 @@ def html_document(
     runs: Sequence[RunRecord],
     missing: Sequence[str],
     settings: Settings,
+    setup: Mapping[str, str] | None = None,
 ) -> str:
-    """The whole page: problems first, then the sections in order, the runs, the methods."""
+    """The whole page: what was run, the problems, the sections in order, the runs, the methods."""
     n_ok = sum(r.status == "ok" for r in runs)
     body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -261,6 +365,7 @@ def html_document(
 <h1>lung_cls sweep report</h1>
 <p>Sweep dir: <code>{html.escape(str(sweep_dir))}</code><br>
 Generated {generated} from {n_ok} finished run(s) of {len(runs)} run dir(s).</p>
+{setup_box(setup or {})}
 {_problems_html(runs, missing)}
 {body}
 <h2>Runs</h2>{html_table(_runs_table(runs))}

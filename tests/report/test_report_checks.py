@@ -1,0 +1,135 @@
+"""Calibration, neck subgroups and the CAM randomisation check, on numbers worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lung_cls.evaluation.cam import map_similarity, randomisation_check, randomised_copy
+from lung_cls.report import build_report, checks
+from tests.report.test_report_build import _write_run
+
+
+def test_calibration_of_a_perfect_and_an_overconfident_model() -> None:
+    y = np.array([0, 0, 1, 1])
+    perfect = checks.calibration(y, y.astype(float))
+    assert perfect["ece"] == pytest.approx(0.0) and perfect["brier"] == pytest.approx(0.0)
+    # always 0.9 on a balanced set: 50% perfusion where the model says 90% -> ECE 0.4
+    over = checks.calibration(y, np.full(4, 0.9))
+    assert over["ece"] == pytest.approx(0.4, abs=1e-6)
+    assert over["brier"] == pytest.approx((2 * 0.81 + 2 * 0.01) / 4)
+    assert over["bins"] == [
+        {
+            "lo": pytest.approx(13 / 15),
+            "hi": pytest.approx(14 / 15),
+            "n": 4,
+            "mean_p": pytest.approx(0.9),
+            "frac_pos": 0.5,
+        }
+    ]
+
+
+def test_subgroups_randomisation_and_calibration_in_the_report(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    run = _write_run(tmp_path, "resnet18", 0, rng)
+    with np.load(run / "cams.npz") as z:
+        a = dict(z)
+    # 6 ventilation images (labels 0, the last 6): neck in the first 4; the model recognises
+    # the 4 with neck and misses the 2 without; every perfusion image right.
+    labels = a["labels"]
+    vent = np.where(labels == 0)[0]
+    a["mask_trachea"][vent[4:]] = False
+    a["preds"] = labels.copy()
+    a["preds"][vent[4:]] = 1
+    a["cam_randomised_similarity"] = np.array([0.1, 0.2, 0.3] * 4, dtype=np.float32)
+    np.savez(run / "cams.npz", **a)
+    out = build_report(tmp_path, n_boot=20, n_perm=5, log_wandb=False)
+    rep = json.loads((out / "report.json").read_text())
+    sub = rep["subgroups"]["resnet18"]
+    assert sub["with neck activity"]["specificity"]["k"] == 4
+    assert sub["with neck activity"]["specificity"]["n"] == 4
+    assert sub["without neck activity"]["specificity"]["value"] == 0.0
+    assert sub["without neck activity"]["accuracy"]["value"] == pytest.approx(6 / 8)
+    lo, hi = (
+        sub["without neck activity"]["specificity"]["lo"],
+        sub["without neck activity"]["specificity"]["hi"],
+    )
+    assert lo == pytest.approx(0.0, abs=1e-9) and 0.6 < hi < 0.7  # Wilson 0/2
+    assert rep["cam_randomisation"]["resnet18"]["median"] == pytest.approx(0.2)
+    assert math.isfinite(rep["calibration"]["resnet18"]["ece"])
+    assert (out / "fig5_reliability.png").read_bytes()[:4] == b"\x89PNG"
+    html = (out / "report.html").read_text()
+    assert "without neck activity" in html and "Adebayo" in html and "ECE" in html
+
+
+def test_randomised_copy_changes_every_weight_and_leaves_the_model() -> None:
+    from lung_cls.models.backbone import LungNet, create_backbone
+
+    torch.manual_seed(0)
+    net = LungNet(create_backbone("resnet18", pretrained=False)[0], 3, cam_layer="layer2").eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rand = randomised_copy(net, seed=1)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    convs = [k for k in before if k.endswith("conv1.weight")]
+    assert convs and all(not torch.equal(before[k], rand.state_dict()[k]) for k in convs)
+    assert rand.cam_layer == "layer2"
+    x = torch.rand(3, 1, 64, 64)
+    from lung_cls.evaluation.cam import compute_gradcam
+
+    cams = compute_gradcam(net, x, [0, 1, 0])
+    sim = randomisation_check(net, x, [0, 1, 0], cams)
+    assert sim.shape == (3,) and np.all((sim >= -1) | np.isnan(sim))
+
+
+def test_map_similarity_is_one_for_equal_maps_and_nan_for_flat() -> None:
+    a = np.random.default_rng(0).uniform(size=(2, 8, 8))
+    b = a.copy()
+    b[1] = 0.5
+    s = map_similarity(a, b)
+    assert s[0] == pytest.approx(1.0) and math.isnan(s[1])
+
+
+def test_temperature_fit_softens_an_overconfident_model_and_the_report_uses_it(
+    tmp_path: Path,
+) -> None:
+    from lung_cls.evaluation.calibration import fit_temperature, scale_probs
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    z_true = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.5, 400)
+    p_over = 1 / (1 + np.exp(-4 * z_true))  # 4x too confident
+    fit = fit_temperature(y, p_over)
+    assert 2.5 < fit["temperature"] < 6 and fit["nll_after"] < fit["nll_before"]
+    assert np.array_equal(scale_probs(p_over, 3.0) >= 0.5, p_over >= 0.5)  # ranking kept
+    assert fit_temperature(np.ones(5), np.full(5, 0.9))["temperature"] == 1.0
+
+    run = _write_run(tmp_path, "resnet18", 0, np.random.default_rng(0), cams=False)
+    m = json.loads((run / "metrics.json").read_text())
+    m["calibration"] = {"temperature": 2.0}
+    (run / "metrics.json").write_text(json.dumps(m))
+    out = build_report(tmp_path, n_boot=20, n_perm=5, log_wandb=False)
+    cal = json.loads((out / "report.json").read_text())["calibration"]["resnet18"]
+    assert cal["temperature_scaled"]["temperatures"] == [2.0]
+    assert cal["temperature_scaled"]["brier"] != pytest.approx(cal["brier"])
+
+
+def test_run_artifacts_store_the_temperature_in_the_checkpoint(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lung_cls.evaluation.callbacks import RunArtifacts
+
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, ckpt)
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(ckpt)))
+    y = np.array([0, 1] * 20)
+    p = np.where(y == 1, 0.999, 0.001)
+    p[:6] = 1 - p[:6]  # confident and sometimes wrong: T > 1
+    fit = RunArtifacts(str(tmp_path), {}, temperature_scaling=True)._fit_temperature(trainer, y, p)
+    stored = torch.load(ckpt, weights_only=True)
+    assert stored["temperature"] == pytest.approx(fit["temperature"]) and fit["temperature"] > 1
+    assert stored["epoch"] == 3
