@@ -190,9 +190,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         elif not best:
             raise RuntimeError("no best checkpoint was written (did validation run?)")
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+    if trainer.is_global_zero and cfg.get("qa_reference", True):
+        _attach_qa_reference(trainer, datamodule)
     if trainer.is_global_zero and artifacts.result is None:
         raise RuntimeError("the test finished but the run-dir artefacts were not written")
     return artifacts.result or {}
+
+
+def _attach_qa_reference(trainer: Any, datamodule: Any) -> None:
+    """The QA gate's training-set reference (lung_cls.qa.ood) into the best checkpoint."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).is_file() and not trainer.fast_dev_run:
+        from lung_cls.qa.ood import attach_reference
+
+        attach_reference(best, datamodule)
 
 
 # --------------------------------------------------------------------------- the run-dir policy
