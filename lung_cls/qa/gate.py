@@ -82,7 +82,8 @@ class GateSettings:
     max_aspect: float = 1.6
     """Rows / columns (or columns / rows) above this: a whole-body strip, not a planar chest."""
     max_static_frames: int = 8
-    """A 'static' multi-frame file with more frames than this and no view per frame is dynamic."""
+    """A multi-frame file with more frames than this and not one distinct view per frame (a view
+    repeated, or none) is a dynamic or gated series, whatever its Image Type says."""
     other_studies: Mapping[str, Sequence[str]] = field(
         default_factory=lambda: dict(DEFAULT_OTHER_STUDIES)
     )
@@ -255,9 +256,12 @@ def acquisition(facts: HeaderFacts, settings: GateSettings) -> str | None:
                 f"{facts.rows} x {facts.columns} matrix (aspect {aspect:.1f}): a whole-body or "
                 "spot strip, not a planar chest view"
             )
-    named = sum(1 for v in facts.views if v)
-    if facts.n_frames > settings.max_static_frames and named < facts.n_frames:
-        return f"{facts.n_frames} frames without a view per frame: a dynamic series"
+    distinct = len({str(v).strip().upper() for v in facts.views if v})
+    if facts.n_frames > settings.max_static_frames and distinct < facts.n_frames:
+        return (
+            f"{facts.n_frames} frames with {distinct} distinct view(s): a dynamic or gated "
+            "series"
+        )
     return None
 
 

@@ -215,6 +215,20 @@ def _prepare_dicom(
     reference: np.ndarray | None,
     opts: ReadOptions,
 ) -> Prepared:
+    from lung_cls.data.sources import pydicom_warnings_logged
+
+    # pydicom warns lazily, when a value is first read: anywhere in here.
+    with pydicom_warnings_logged(path):
+        return _prepare_dicom_dataset(row, path, prep, reference, opts)
+
+
+def _prepare_dicom_dataset(
+    row: dict[str, Any],
+    path: Path,
+    prep: Mapping[str, Any],
+    reference: np.ndarray | None,
+    opts: ReadOptions,
+) -> Prepared:
     from lung_cls.data.sources import dicom_pixels, read_dicom_dataset, validate_pixels
 
     try:
