@@ -28,7 +28,7 @@ from lung_cls.qa.decide import STATUSES, UNCERTAIN, check_review_band, decide, s
 from lung_cls.qa.inputs import find_inputs, preprocess_study
 from lung_cls.qa.onnx import resolve_onnx_models
 from lung_cls.qa.output import COLUMNS, print_summary, write_outputs
-from lung_cls.qa.settings import PredictSettings
+from lung_cls.qa.settings import PredictSettings, model_warnings
 from lung_cls.utils.hydra import quote_path_overrides
 
 # The names below `run` and `main` are the library's, re-exported because this module held them
@@ -57,6 +57,37 @@ __all__ = [
 
 log = logging.getLogger("lung_cls.predict")
 
+LOG_FILE = "predict.log"
+#: Loggers whose records go to the log file only: pydicom's (tracebacks of undecodable syntaxes,
+#: "invalid value" warnings) would otherwise fill the console a radiographer reads.
+FILE_ONLY_LOGGERS = ("pydicom", "py.warnings")
+
+
+def log_to_file(path) -> logging.Handler:
+    """Send pydicom's records (and warnings) to ``path`` instead of the console; lung_cls's own
+    records go there too (and still to the console, as configured)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+    for name in FILE_ONLY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.propagate = False
+        lg.setLevel(logging.DEBUG)
+    logging.getLogger("lung_cls").addHandler(handler)
+    return handler
+
+
+def close_log_file(handler: logging.Handler) -> None:
+    for name in (*FILE_ONLY_LOGGERS, "lung_cls"):
+        logging.getLogger(name).removeHandler(handler)
+    for name in FILE_ONLY_LOGGERS:
+        logging.getLogger(name).propagate = True
+    logging.captureWarnings(False)
+    handler.close()
+
 
 def run(cfg: DictConfig) -> int:
     """The whole command; returns the exit code (0, or 1 for fail_on_mismatch with a mismatch)."""
@@ -64,12 +95,20 @@ def run(cfg: DictConfig) -> int:
     job = PredictSettings.from_config(cfg)  # every cheap check, before a model loads
     ens = job.load_ensemble()
     options = job.prepare_output(ens)
-    rows = predict_files(
-        ens, job.files, job.root, options, job.walk_errors, progress=sys.stderr.isatty()
-    )
+    log_file = log_to_file(job.output / LOG_FILE)
+    try:
+        rows = predict_files(
+            ens, job.files, job.root, options, job.walk_errors,
+            progress=sys.stderr.isatty(), ignored=job.ignored,
+        )  # fmt: skip
+    finally:
+        close_log_file(log_file)
     summary = summarise(rows)
-    write_outputs(rows, job.output, job.header(ens, summary, time.perf_counter() - t0))
-    print_summary(rows, summary, job.output)
+    warnings = model_warnings(ens, rows)
+    for text in warnings:
+        log.debug("warning: %s", text)
+    write_outputs(rows, job.output, job.header(ens, summary, time.perf_counter() - t0, warnings))
+    print_summary(rows, summary, job.output, warnings)
     mismatches = summary["counts"]["mismatch"]
     if job.fail_on_mismatch and mismatches > 0:
         print(

@@ -197,9 +197,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             weights_only=True,
             verbose=bool(cfg.get("verbose", False)),  # the metric table: in metrics.json anyway
         )
+    if trainer.is_global_zero and cfg.get("qa_reference", True):
+        _attach_qa_reference(trainer, datamodule)
     if trainer.is_global_zero and artifacts.result is None:
         raise RuntimeError("the test finished but the run-dir artefacts were not written")
     return artifacts.result or {}
+
+
+def _attach_qa_reference(trainer: Any, datamodule: Any) -> None:
+    """The QA gate's training-set reference (lung_cls.qa.ood) into the best checkpoint."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).is_file() and not trainer.fast_dev_run:
+        from lung_cls.qa.ood import attach_reference
+
+        attach_reference(best, datamodule)
 
 
 # --------------------------------------------------------------------------- the run-dir policy

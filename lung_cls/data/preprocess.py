@@ -768,6 +768,9 @@ def build_prepared(
     for s, info in zip(studies, infos, strict=True):
         if s.meta.get("duplicate_of"):
             info["duplicate_of"] = s.meta["duplicate_of"]
+        for key in ("pixel_hash", "sop_instance_uid"):  # the QA check's "training image?" test
+            if s.meta.get(key):
+                info[key] = s.meta[key]
     masks = None
     if studies and all(s.truth is not None and s.truth.get("masks") for s in studies):
         masks = _move_masks(studies, infos, int(c["size"]))

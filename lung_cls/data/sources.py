@@ -10,6 +10,7 @@ from any script. ``data_cfg`` is any Mapping (an OmegaConf DictConfig works as i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
@@ -102,6 +103,19 @@ def has_dicom_preamble(path: str | os.PathLike) -> bool:
             return fh.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """A study's identity by content: BLAKE2b of its raw values as float32 (and its shape).
+
+    The same image gives the same hash whether it comes from the phantom (uint16 counts), a DICOM
+    file or a DICOM object in memory, so the QA check can tell a checkpoint's own training images.
+    """
+    arr = np.ascontiguousarray(pixels, dtype=np.float32)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def validate_pixels(pixels: np.ndarray, path: str | os.PathLike) -> np.ndarray:
@@ -365,6 +379,9 @@ def _dicom_truncation(ds: Any, size: int) -> str | None:
             return f"the file meta header breaks off ({size} bytes)"
         if 132 + 12 + group_len > size:  # preamble + "DICM", the length element, the group
             return f"the file meta header needs {144 + group_len} bytes, the file has {size}"
+    ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    if ts in DEFLATED_SYNTAXES:
+        return None  # offsets are in the inflated stream; zlib itself reports a cut-off file
     end, tag = 0, None
     for elem in ds._dict.values():  # raw elements: still as read, with their file offsets
         tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
@@ -378,22 +395,76 @@ def _dicom_truncation(ds: Any, size: int) -> str | None:
     return None
 
 
-def _read_dicom(path: Path, frame_index: int | None) -> tuple[np.ndarray, dict]:
+DEFLATED_SYNTAXES = ("1.2.840.10008.1.2.1.99",)
+"""Deflated explicit VR little endian: the data set after the file meta is zlib-compressed, so the
+element offsets pydicom records are offsets in the *inflated* stream, not in the file."""
+
+
+def read_dicom_dataset(path: str | os.PathLike, *, pixels: bool = True) -> Any:
+    """Parse a DICOM file -> its pydicom Dataset, or `DataError` naming the file and the reason.
+
+    Every transfer syntax pydicom parses is read (deflated included); ``pixels=False`` stops before
+    the pixel data (a header check needs no pixels). pydicom's own log records and warnings go to
+    the ``pydicom`` logger, which the QA command sends to its log file, not to the console.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
+    path = Path(path)
+    with pydicom_warnings_logged(path):
         try:
-            ds = pydicom.dcmread(path)
-        except InvalidDicomError:
-            ds = pydicom.dcmread(path, force=True)  # .dcm without the Part 10 preamble
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise DataError(
-            path, f"truncated or corrupt DICOM file ({type(err).__name__}: {err})"
-        ) from None
-    except Exception as err:  # pydicom raises many types on garbage input
-        raise DataError(path, f"cannot parse DICOM file ({type(err).__name__}: {err})") from None
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+            except InvalidDicomError:
+                # .dcm without the Part 10 preamble
+                ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+        except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DataError(
+                path, f"truncated or corrupt DICOM file ({type(err).__name__}: {_one_line(err)})"
+            ) from None
+        except Exception as err:  # pydicom raises many types on garbage input
+            raise DataError(
+                path, f"cannot parse DICOM file ({type(err).__name__}: {_one_line(err)})"
+            ) from None
+    if pixels:
+        cut = _dicom_truncation(ds, path.stat().st_size)
+        if cut is not None:
+            raise DataError(path, f"truncated or corrupt DICOM file: {cut}")
+    return ds
 
+
+@contextlib.contextmanager
+def pydicom_warnings_logged(path: str | os.PathLike) -> Iterator[None]:
+    """Warnings raised inside (pydicom's "invalid value" kind) become records of the ``pydicom``
+    logger naming the file, instead of lines on the console."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                logging.getLogger("pydicom").warning("%s: %s", path, w.message)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (pydicom's run over several)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_dicom(path: Path, frame_index: int | None) -> tuple[np.ndarray, dict]:
+    return dicom_pixels(read_dicom_dataset(path), path, frame_index)
+
+
+def dicom_pixels(
+    ds: Any, path: str | os.PathLike, frame_index: int | None = None
+) -> tuple[np.ndarray, dict]:
+    """A parsed DICOM Dataset -> (float32 (H, W) after rescale, meta): the anterior frame of a
+    multi-frame file (else ``frame_index``), colour to luminance, MONOCHROME1 inverted.
+    ``path`` names the file (or the received object) in errors."""
+    path = Path(path)
     modality = str(ds.get("Modality", "") or "")
     sop = ds.get("SOPClassUID")
     sop_name = getattr(sop, "name", str(sop)) if sop else "unknown"
@@ -402,9 +473,6 @@ def _read_dicom(path: Path, frame_index: int | None) -> tuple[np.ndarray, dict]:
         raise DataError(
             path, f"not an image: a {modality} object ({sop_name}); only planar images are read"
         )
-    cut = _dicom_truncation(ds, path.stat().st_size)
-    if cut is not None:
-        raise DataError(path, f"truncated or corrupt DICOM file: {cut}")
     if not has_pixels:
         if not modality and not sop:
             raise DataError(
@@ -416,7 +484,8 @@ def _read_dicom(path: Path, frame_index: int | None) -> tuple[np.ndarray, dict]:
         )
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        arr = ds.pixel_array
+        with pydicom_warnings_logged(path):
+            arr = ds.pixel_array
     except Exception as err:
         msg = str(err)
         compressed = bool(ts is not None and getattr(ts, "is_compressed", False))
@@ -428,7 +497,9 @@ def _read_dicom(path: Path, frame_index: int | None) -> tuple[np.ndarray, dict]:
                 "(JPEG 2000), or python-gdcm",
             ) from None
         raise DataError(
-            path, f"cannot decode pixel data, truncated or corrupt? ({type(err).__name__}: {msg})"
+            path,
+            f"cannot decode pixel data, truncated or corrupt? ({type(err).__name__}: "
+            f"{_one_line(err)})",
         ) from None
 
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -779,6 +850,7 @@ def _read_entries(
             log.warning("%s: identical bytes to %s (duplicate file)", entry.path, first)
             meta["duplicate_of"] = first
         meta["sha1"] = digest
+        meta["pixel_hash"] = pixel_hash(pixels)
         if entry.rel is not None:
             meta["relpath"] = entry.rel
         patient = entry.patient_id or meta.get("patient_id") or str(entry.path)
@@ -815,7 +887,12 @@ def _phantom_studies(data_cfg: Mapping[str, Any]) -> list[Study]:
                 label=int(c.label),
                 patient_id=str(c.patient_id),
                 path=f"phantom://{c.id}",
-                meta={"format": "phantom", "view": "ANTERIOR", "modality": "NM"},
+                meta={
+                    "format": "phantom",
+                    "view": "ANTERIOR",
+                    "modality": "NM",
+                    "pixel_hash": pixel_hash(c.image),
+                },  # fmt: skip
                 truth={"params": c.params, "masks": c.masks},
             )
         )

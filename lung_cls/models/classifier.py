@@ -267,4 +267,7 @@ def load_lung_net(
     meta = {**meta, "backbone": hp["backbone"], "name": hp.get("name"), "epoch": ckpt.get("epoch")}
     ref = ckpt.get("lung_cls_reference_image")
     meta["reference_image"] = ref.numpy() if ref is not None else None
+    # The QA gate's training-set reference (lung_cls.qa.ood), and whether the run was pretrained.
+    meta["ood_reference"] = ckpt.get("lung_cls_ood")
+    meta["pretrained"] = hp.get("pretrained")
     return model, meta

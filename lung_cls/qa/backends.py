@@ -24,7 +24,7 @@ from lung_cls.qa.checkpoints import (
     load_checkpoint,
     preprocessing_block,
 )
-from lung_cls.qa.onnx import INPUT_NAME, OUTPUT_NAMES, load_onnx_model
+from lung_cls.qa.onnx import FEATURES_NAME, INPUT_NAME, OUTPUT_NAMES, load_onnx_model
 
 log = logging.getLogger("lung_cls.predict")
 
@@ -50,6 +50,10 @@ class Member(Protocol):
         """uint8 (N, S, S) -> Grad-CAM of each image for its target class, float32 (N, S, S)."""
         ...
 
+    def features(self, x: np.ndarray, batch_size: int) -> np.ndarray | None:
+        """float32 (N, 1, S, S) -> penultimate-layer features (N, D), or None if unavailable."""
+        ...
+
 
 @dataclass
 class TorchMember:
@@ -62,9 +66,13 @@ class TorchMember:
     prep: dict[str, Any]
     reference: np.ndarray | None
     device: str = "cpu"
+    ood: dict[str, Any] | None = None
+    """The training set's OOD reference (`lung_cls.qa.ood`), or None (an older checkpoint)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> TorchMember:
+        from lung_cls.qa.ood import from_stored
+
         net, meta = load_checkpoint(path, device)
         return cls(
             net.to(device).eval(),
@@ -72,7 +80,15 @@ class TorchMember:
             checkpoint_preprocessing(meta, path),
             meta.get("reference_image"),
             device,
+            from_stored(meta.get("ood_reference")),
         )
+
+    def features(self, x: np.ndarray, batch_size: int) -> np.ndarray | None:
+        import torch
+
+        from lung_cls.qa.ood import net_features
+
+        return net_features(self.net, torch.from_numpy(x).to(self.device), batch_size)
 
     def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
@@ -104,9 +120,12 @@ class OnnxMember:
     info: dict[str, Any]
     prep: dict[str, Any]
     reference: np.ndarray | None
+    ood: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> OnnxMember:
+        from lung_cls.qa.ood import from_stored
+
         session, sidecar, reference = load_onnx_model(path, threads)
         info = {
             "path": str(path),
@@ -115,8 +134,20 @@ class OnnxMember:
             "seed": sidecar.get("seed"),
             "epoch": sidecar.get("epoch"),
             "checkpoint_sha256": (sidecar.get("checkpoint") or {}).get("sha256"),
+            "pretrained": sidecar.get("pretrained"),
         }
-        return cls(session, info, preprocessing_block(sidecar.get("preprocess"), path), reference)
+        prep = preprocessing_block(sidecar.get("preprocess"), path)
+        return cls(session, info, prep, reference, from_stored(sidecar.get("ood")))
+
+    def features(self, x: np.ndarray, batch_size: int) -> np.ndarray | None:
+        names = {o.name for o in self.session.get_outputs()}
+        if FEATURES_NAME not in names:
+            return None  # an export from before the features output
+        feats = [
+            self.session.run([FEATURES_NAME], {INPUT_NAME: x[s : s + batch_size]})[0]
+            for s in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(feats).astype(np.float32)
 
     def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         probs = [
@@ -175,6 +206,22 @@ class Ensemble:
         """uint8 (N, S, S) pre-processed images -> P(perfusion) per member, float64 (M, N)."""
         x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
         return np.stack([m.probs(x, batch_size) for m in self.runners])
+
+    @property
+    def has_ood(self) -> bool:
+        """Every member carries a training-set reference: the image gate can score images."""
+        return all(getattr(m, "ood", None) for m in self.runners)
+
+    def ood_scores(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray | None:
+        """uint8 (N, S, S) -> the members' mean normalised OOD score (N,) (`lung_cls.qa.ood`:
+        above 1 the image is unlike the training set), or None without references."""
+        from lung_cls.qa.ood import ood_scores
+
+        if not self.has_ood or len(images) == 0:
+            return None
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
+        per = [ood_scores(m.ood, m.features(x, batch_size), images) for m in self.runners]
+        return np.mean(per, axis=0)
 
     def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int = 16) -> np.ndarray:
         """Grad-CAM of each image for its target class, averaged over the members: (N, S, S)."""

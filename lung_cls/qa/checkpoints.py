@@ -137,4 +137,5 @@ def checkpoint_info(path: str | os.PathLike, meta: Mapping[str, Any]) -> dict[st
         "name": meta.get("name"),
         "seed": meta.get("seed"),
         "epoch": meta.get("epoch"),
+        "pretrained": meta.get("pretrained"),
     }

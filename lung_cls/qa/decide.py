@@ -7,6 +7,8 @@
   for a study whose header contradicts itself (declared ``ambiguous``: keywords of both classes);
 * ``mismatch``  - the model is confident (outside the band) and the declared class is known and
   different: the study is probably mislabelled;
+* ``rejected: <reason>`` - not an anterior planar lung V/Q study: the header gate
+  (`lung_cls.qa.gate`) or the image gate (`lung_cls.qa.ood`) refused it before any class is given;
 * ``error: <reason>`` - the file could not be read or pre-processed (set by the reader, not here).
 
 No model, no files: these functions are the whole policy, so they are tested on plain numbers.
@@ -23,7 +25,7 @@ from lung_cls.errors import UserError
 from lung_cls.qa.declared import AMBIGUOUS, KNOWN_CLASSES, PERFUSION, VENTILATION
 
 UNCERTAIN = "uncertain"
-STATUSES = ("ok", "review", "mismatch", "error")
+STATUSES = ("ok", "review", "mismatch", "rejected", "error")
 DEFAULT_BAND: tuple[float, float] = (0.2, 0.8)
 
 
@@ -105,9 +107,9 @@ def decide_batch(
 
 
 def status_kind(status: Any) -> str:
-    """``error: <reason>`` -> ``error``; every other status is its own kind."""
-    text = str(status)
-    return "error" if text.startswith("error") else text
+    """``error: <reason>`` -> ``error``, ``rejected: <reason>`` -> ``rejected``, ``review: lungs
+    not found`` -> ``review``: the word before the colon."""
+    return str(status).split(":", 1)[0].strip()
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -120,6 +122,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "n": len(rows),
         "counts": counts,
         "mismatches": [r["file"] for r in rows if r["status"] == "mismatch"],
-        "review": [r["file"] for r in rows if r["status"] == "review"],
+        "review": [r["file"] for r in rows if status_kind(r["status"]) == "review"],
+        "rejected": [r["file"] for r in rows if status_kind(r["status"]) == "rejected"],
         "errors": [r["file"] for r in rows if status_kind(r["status"]) == "error"],
     }

@@ -41,6 +41,8 @@ from lung_cls.utils.io import atomic_write_json
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "prob_perfusion")
+FEATURES_NAME = "features"
+"""Third output: the penultimate-layer features (N, D) the image gate's OOD score is computed on."""
 SIDECAR_FORMAT = "lung_cls-onnx"
 MODEL_FILE = "model.onnx"
 SIDECAR_FILE = "model.json"

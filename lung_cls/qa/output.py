@@ -20,6 +20,9 @@ COLUMNS: tuple[str, ...] = (
     "file",
     "patient_id",
     "series_description",
+    "modality",
+    "sop_class",
+    "view",
     "predicted",
     "prob_perfusion",
     "prob_sd",
@@ -29,6 +32,9 @@ COLUMNS: tuple[str, ...] = (
     "declared_evidence",
     "mismatch",
     "status",
+    "gate",
+    "ood_score",
+    "training_split",
     "preprocessing",
     "shift_y",
     "shift_x",
@@ -79,39 +85,53 @@ def write_outputs(
     return csv_path, json_path
 
 
+KIND_STYLES = (
+    ("ok", "green"),
+    ("review", "yellow"),
+    ("mismatch", "red"),
+    ("rejected", "blue"),
+    ("error", "magenta"),
+)
+
+
 def print_summary(
-    rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], output: Path
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    output: Path,
+    warnings: Sequence[str] = (),
 ) -> None:
-    """The rich table a radiographer reads: counts, then every study that needs a look."""
+    """The rich table a radiographer reads: warnings, counts that add up to the files, then every
+    study that needs a look, one line each (none left out: the CSV has the same rows)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
+    for text in warnings:
+        console.print(f"[bold yellow]WARNING[/] {text}")
     counts = summary["counts"]
-    table = Table(title=f"QA check: {summary['n']} studies")
-    for name, style in (
-        ("ok", "green"),
-        ("review", "yellow"),
-        ("mismatch", "red"),
-        ("error", "magenta"),
-    ):
+    table = Table(title=f"QA check: {summary['n']} files")
+    for name, style in KIND_STYLES:
         table.add_column(name, style=style, justify="right")
-    table.add_row(*(str(counts[k]) for k in ("ok", "review", "mismatch", "error")))
+    table.add_row(*(str(counts.get(k, 0)) for k, _ in KIND_STYLES))
     console.print(table)
-    flagged = [r for r in rows if r["status"] in ("mismatch", "review")]
+    flagged = [r for r in rows if status_kind(r["status"]) in ("mismatch", "review")]
     if flagged:
         detail = Table(title="Studies to check", show_lines=False)
         for col in ("status", "file", "declared", "predicted", "P(perf)", "SD"):
-            detail.add_column(col)
+            detail.add_column(col, no_wrap=True)
         for r in sorted(flagged, key=lambda r: (r["status"] != "mismatch", r["file"])):
             detail.add_row(
                 r["status"], str(r.get("_rel") or r["file"]), str(r["declared"]), str(r["predicted"]),
-                f"{r['prob_perfusion']:.3f}", f"{r['prob_sd']:.3f}",
+                _num(r.get("prob_perfusion")), _num(r.get("prob_sd")),
             )  # fmt: skip
         console.print(detail)
-    errors = [r for r in rows if status_kind(r["status"]) == "error"]
-    for r in errors[:20]:
-        console.print(f"[magenta]error[/] {r.get('_rel') or r['file']}: {r['status'][7:]}")
-    if len(errors) > 20:
-        console.print(f"[magenta]... and {len(errors) - 20} more errors (see predictions.csv)[/]")
+    for kind, style in (("rejected", "blue"), ("error", "magenta")):
+        for r in rows:
+            if status_kind(r["status"]) == kind:
+                reason = str(r["status"]).split(":", 1)[-1].strip()
+                console.print(f"[{style}]{kind}[/] {r.get('_rel') or r['file']}: {reason}")
     console.print(f"Wrote {output / RESULT_FILES[0]} and {output / RESULT_FILES[1]}")
+
+
+def _num(value: Any) -> str:
+    return f"{float(value):.3f}" if value is not None else "-"

@@ -25,6 +25,7 @@ from lung_cls.qa.declared import (
     keyword_map_from_config,
     read_declared_manifest,
 )
+from lung_cls.qa.gate import GateSettings
 from lung_cls.qa.inputs import DEFAULT_EXTENSIONS, find_inputs
 from lung_cls.qa.onnx import resolve_onnx_models
 from lung_cls.qa.output import check_output, clear_overlays
@@ -85,6 +86,8 @@ class PredictSettings:
     device: str = "cpu"
     fail_on_mismatch: bool = False
     keywords: dict[str, list[str]] = field(default_factory=dict)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+    """Files under ``input`` that are not images of an accepted type, with why (rows of their own)."""
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PredictSettings:
@@ -98,9 +101,19 @@ class PredictSettings:
         key, resolve = RESOLVERS[backend]
         # Cheap checks first: a bad checkpoint path or an empty folder fails before any model loads.
         model_paths = resolve(plain(cfg.get(key)))
+        ignored: list[tuple[Path, str]] = []
         files, walk_errors, root = find_inputs(
-            cfg["input"], plain(cfg.get("extensions")) or DEFAULT_EXTENSIONS, exclude=[output]
-        )
+            cfg["input"], plain(cfg.get("extensions")) or DEFAULT_EXTENSIONS, exclude=[output],
+            ignored=ignored,
+        )  # fmt: skip
+        gate_cfg = plain(cfg.get("gate")) or {}
+        if not isinstance(gate_cfg, Mapping):
+            raise ConfigError("gate", gate_cfg, "expected a mapping")
+        frame_index = number(cfg, "frame_index", int, None, optional=True)
+        try:
+            gate = GateSettings.from_config(gate_cfg, frame_index)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"gate: {err}") from None
         manifest = None
         if cfg.get("declared_manifest"):
             manifest = read_declared_manifest(str(cfg["declared_manifest"]))
@@ -114,18 +127,21 @@ class PredictSettings:
             review_band=band,
             review_sd=number(cfg, "review_sd", float, None, minimum=0.0, optional=True),
             batch_size=number(cfg, "batch_size", int, 32, minimum=1),
-            frame_index=number(cfg, "frame_index", int, None, optional=True),
+            frame_index=frame_index,
             keywords=keywords,
             ignore=ignore,
             series_fields=tuple(plain(cfg.get("declared_fields")) or SERIES_FIELDS),
             study_fields=tuple(plain(cfg.get("declared_study_fields")) or ()),
             manifest=manifest,
+            gate=gate,
+            image_gate=bool(gate_cfg.get("image", True)),
         )
         return cls(
             output, existing, backend, model_paths, files, walk_errors, root, str(cfg["input"]),
             options, overlays=bool(cfg.get("overlays", False)),
             device=str(cfg.get("device", "cpu")),
             fail_on_mismatch=bool(cfg.get("fail_on_mismatch", False)), keywords=keywords,
+            ignored=ignored,
         )  # fmt: skip
 
     def load_ensemble(self) -> Ensemble:
@@ -152,10 +168,17 @@ class PredictSettings:
         self.output.mkdir(parents=True, exist_ok=True)
         return replace(self.options, overlays_dir=overlays_dir)
 
-    def header(self, ens: Ensemble, summary: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    def header(
+        self,
+        ens: Ensemble,
+        summary: Mapping[str, Any],
+        seconds: float,
+        warnings: list[str] | None = None,
+    ) -> dict[str, Any]:
         """The run facts predictions.json carries above its rows."""
         band = self.options.review_band
         return {
+            "warnings": list(warnings or []),
             "version": 1,
             "backend": self.backend,
             "models": ens.members,
@@ -165,6 +188,55 @@ class PredictSettings:
             "review_sd": self.options.review_sd,
             "input": self.input,
             "declared_keywords": self.keywords,
+            "gate": {
+                "modalities": list(self.options.gate.modalities),
+                "require_view": self.options.gate.require_view,
+                "image": self.options.image_gate,
+                "ood": [_ood_facts(m) for m in ens.runners],
+            },
             "summary": dict(summary),
             "seconds": round(seconds, 3),
         }
+
+
+def _ood_facts(member: Any) -> dict[str, Any] | None:
+    """What predictions.json says about a member's OOD reference (None: it has none)."""
+    ref = getattr(member, "ood", None)
+    if not ref:
+        return None
+    keys = ("n_train", "n_val", "n_test", "val_false_rejection", "test_false_rejection", "alpha")
+    out = {k: ref[k] for k in keys if k in ref}
+    out["thresholds"] = {k: float(v["threshold"]) for k, v in ref.get("spaces", {}).items()}
+    return out
+
+
+def model_warnings(ens: Ensemble, rows: list[Mapping[str, Any]] | None = None) -> list[str]:
+    """What the user must know about the models and the input, said once at the top: a model
+    trained from scratch or below 224 px, no OOD reference, input that is the model's own
+    training (or validation) data."""
+    out: list[str] = []
+    scratch = [m.info.get("path") for m in ens.runners if m.info.get("pretrained") is False]
+    if scratch:
+        out.append(
+            f"{len(scratch)} of {len(ens.runners)} model(s) trained from scratch (not ImageNet-"
+            f"pretrained, as the paper's): {scratch[0]}"
+        )
+    if ens.size < 224:
+        out.append(
+            f"the model(s) work at {ens.size} px, below the paper's 224 px: a demo-sized model, "
+            "coarse CAMs"
+        )
+    if not ens.has_ood:
+        out.append(
+            "no OOD reference in the model(s) (a checkpoint from before the image gate): images "
+            "that are not lung V/Q studies are caught only by the header and segmentation checks"
+        )
+    if rows:
+        for split, what in (("train", "training"), ("val", "validation")):
+            n = sum(1 for r in rows if r.get("training_split") == split)
+            if n:
+                out.append(
+                    f"{n} input stud(y/ies) are in the model's own {what} split (same pixels or "
+                    "SOP Instance UID): their results say nothing about new studies"
+                )
+    return out

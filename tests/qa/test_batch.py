@@ -14,7 +14,13 @@ from qa_helpers import SIM_EASY, make_study_dir
 from lung_cls.data.preprocess import prep_config
 from lung_cls.errors import UserError
 from lung_cls.qa.backends import Ensemble
-from lung_cls.qa.batch import PredictOptions, check_file, check_image, predict_files
+from lung_cls.qa.batch import (
+    PredictOptions,
+    check_dataset,
+    check_file,
+    check_image,
+    predict_files,
+)
 from lung_cls.qa.declared import dataset_texts
 from lung_cls.qa.inputs import find_inputs
 from lung_cls.qa.output import COLUMNS
@@ -123,10 +129,18 @@ def test_one_file_and_one_image_in_memory_give_the_folder_run_rows(studies, tmp_
         by_file = check_file(ens, path, root, PredictOptions(review_sd=0.02))
         assert _comparable(by_file) == _comparable(rows[name])
         pixels, _ = read_image(path)
-        header = dataset_texts(pydicom.dcmread(path, stop_before_pixels=True))
-        in_memory = check_image(ens, pixels, header, f"node/{name}", PredictOptions(review_sd=0.02))
+        ds = pydicom.dcmread(path)
+        header = dataset_texts(ds)
+        opts1 = PredictOptions(review_sd=0.02)
+        in_memory = check_image(ens, pixels, header, f"node/{name}", opts1, dataset=ds)
         assert in_memory["file"] == f"node/{name}"
         assert _comparable(in_memory) == _comparable(rows[name])
+        assert _comparable(check_dataset(ens, ds, f"node/{name}", opts1)) == _comparable(rows[name])
+        # Without the Dataset the header gate cannot run (no header columns): the image gate and
+        # the model decide alone, and here they decide alike.
+        bare = check_image(ens, pixels, header, f"node/{name}", opts1)
+        assert bare["modality"] is None and bare["view"] is None
+        assert bare["status"] == rows[name]["status"]
     # Broken input in memory is an error row, never an exception.
     flat = check_image(ens, np.ones((64, 64)), {"series_description": "LUNG VENT"}, "flat")
     assert flat["status"].startswith("error: constant image") and flat["declared"] == "ventilation"

@@ -92,12 +92,14 @@ def test_review_band_validation():
 
 
 def test_summary_counts_add_up_and_list_the_files():
-    statuses = ["ok", "ok", "review", "mismatch", "error: bad file", "error: other", "mismatch"]
+    statuses = ["ok", "ok", "review", "mismatch", "error: bad file", "error: other", "mismatch",
+                "rejected: Modality MR, not NM", "review: lungs not found"]  # fmt: skip
     rows = [{"file": f"f{i}", "status": s} for i, s in enumerate(statuses)]
     summary = summarise(rows)
     assert summary["n"] == len(rows) == sum(summary["counts"].values())
-    assert summary["counts"] == {"ok": 2, "review": 1, "mismatch": 2, "error": 2}
+    assert summary["counts"] == {"ok": 2, "review": 2, "mismatch": 2, "rejected": 1, "error": 2}
     assert summary["mismatches"] == ["f3", "f6"]
-    assert summary["review"] == ["f2"]
+    assert summary["review"] == ["f2", "f8"]
+    assert summary["rejected"] == ["f7"]
     assert summary["errors"] == ["f4", "f5"]
     assert tuple(summarise([])["counts"]) == STATUSES  # every status shown, even at zero

@@ -222,19 +222,28 @@ def test_corrupt_files_become_error_rows(scratch, tmp_path):
         run(predict_cfg(f"ckpt={scratch['a']}", f"input={scratch['input']}", f"output={out}")) == 0
     )
     rows = {Path(r["file"]).name: r for r in read_rows(out)}
-    assert set(rows) == set(scratch["truth"]) | {"truncated.dcm", "random.dcm"}  # notes.txt ignored
+    # One row per file: notes.txt is named too, as not an image.
+    assert set(rows) == set(scratch["truth"]) | {"truncated.dcm", "random.dcm", "notes.txt"}
+    assert rows["notes.txt"]["status"] == "rejected: not an image file type (.txt)"
+    assert rows["notes.txt"]["gate"] == "file"
     for bad in ("truncated.dcm", "random.dcm"):
         assert rows[bad]["status"].startswith("error: "), rows[bad]
         assert rows[bad]["prob_perfusion"] == ""
     # The truncated file still has a readable header: its declared class is known.
     assert rows["truncated.dcm"]["declared"] == VENTILATION
     for name in scratch["truth"]:
-        assert rows[name]["status"] in ("ok", "review", "mismatch")
+        assert rows[name]["status"] in ("ok", "review", "mismatch", "review: lungs not found")
+        assert (rows[name]["modality"], rows[name]["view"]) == ("NM", "Anterior projection")
+        assert rows[name]["sop_class"] == "Nuclear Medicine Image Storage"
         assert 0.0 <= float(rows[name]["prob_perfusion"]) <= 1.0
         assert rows[name]["preprocessing"] in ("centroid", "nmi")
     data = json.loads((out / "predictions.json").read_text())
     assert len(data["rows"]) == len(rows)
     assert data["summary"]["counts"]["error"] == 2
+    assert data["summary"]["n"] == sum(data["summary"]["counts"].values()) == len(rows)
+    # A scratch checkpoint without a reference: the user is told so, once, at the top of the JSON.
+    assert any("no OOD reference" in w for w in data["warnings"])
+    assert any("from scratch" in w for w in data["warnings"])
     assert data["preprocess"]["size"] == 32
     assert {r["file"] for r in data["rows"]} == {r["file"] for r in read_rows(out)}
 
@@ -251,7 +260,7 @@ def test_ensemble_mean_and_spread(scratch, tmp_path):
             f"ckpt=[{scratch['a']},{scratch['b']}]", f"input={scratch['input']}", f"output={out}"
         )
     )
-    rows = [r for r in read_rows(out) if not r["status"].startswith("error")]
+    rows = [r for r in read_rows(out) if r["prob_perfusion"] != ""]
     assert rows
     spread = []
     for r in rows:
@@ -278,7 +287,7 @@ def test_mismatch_logic_and_fail_on_mismatch(scratch, tmp_path):
         "review_band=null",
     ]
     assert run(predict_cfg(*args, "fail_on_mismatch=true")) == 1  # an untrained model mismatches
-    rows = [r for r in read_rows(out) if not r["status"].startswith("error")]
+    rows = [r for r in read_rows(out) if r["prob_perfusion"] != ""]
     for r in rows:
         pred = PERFUSION if float(r["prob_perfusion"]) >= 0.5 else VENTILATION
         assert r["predicted"] == pred
@@ -506,7 +515,7 @@ def test_every_planted_mismatch_is_flagged(trained, tmp_path):
     # The logic, on every study: a mismatch is exactly a confident prediction against a known
     # declared class.
     for name, r in rows.items():
-        if r["status"].startswith("error"):
+        if r["status"].startswith(("error", "rejected")):
             continue
         p = float(r["prob_perfusion"])
         confident = not (0.2 <= p <= 0.8)
