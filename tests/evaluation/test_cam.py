@@ -196,20 +196,26 @@ def test_run_artifacts_explain_the_true_class_and_keep_raw_cams(tmp_path, monkey
 
     seen: dict[str, list[int]] = {}
 
-    def fake(net, x, targets, batch_size=16, layer=None, return_raw=False):
+    def fake(net, x, targets, batch_size=16, layer=None, method="gradcam", return_raw=False):
         seen["targets"] = [int(t) for t in targets]
         scaled = np.full((len(targets), 8, 8), 0.5, np.float32)
         return (scaled, scaled * 0 - 2.0) if return_raw else scaled
 
     monkeypatch.setattr(cam_mod, "compute_gradcam", fake)
-    monkeypatch.setattr(cam_mod, "resolve_cam_layer", lambda net: None)
+    monkeypatch.setattr(cam_mod, "resolve_cam_layer", lambda net, **kw: None)
+    monkeypatch.setattr(cam_mod, "cam_map_size", lambda net, layer, size: (2, 2))
+    monkeypatch.setattr(
+        cam_mod, "randomisation_check", lambda net, x, t, cams, bs: np.zeros(len(t), np.float32)
+    )
     data = SimpleNamespace(
         labels=np.array([1, 0, 1, 0]),
         images=np.zeros((4, 8, 8), np.uint8),
         ids=np.array(list("abcd")),
         masks=None,
     )
-    module = SimpleNamespace(model=SimpleNamespace(net=None), device="cpu")
+    module = SimpleNamespace(
+        model=SimpleNamespace(net=None, named_modules=lambda: iter(())), device="cpu"
+    )
     RunArtifacts(str(tmp_path), {})._write_cams(
         module, data, np.array([2, 1, 0, 3]), np.array([0.9, 0.2, 0.8, 0.4])
     )
