@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -153,4 +152,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # task_wrapper turns errors and codes into the exit status
