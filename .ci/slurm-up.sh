@@ -11,11 +11,14 @@
 # under $LUNG_CLS_SLURM_DIR (default /tmp/lung_cls-slurm), and slurm-down.sh stops it by that pid.
 # The node is called `localhost` (slurmd -N localhost), whatever the machine's hostname is.
 # Installs the packages with apt-get when they are missing (about 75 s).
+# LUNG_CLS_SLURM_ACCOUNTING=0: no MariaDB and no slurmdbd (to try what a cluster without
+# accounting does: sacct then knows no job).
 set -euo pipefail
 
 STATE=${LUNG_CLS_SLURM_DIR:-/tmp/lung_cls-slurm}
 DB_PORT=${LUNG_CLS_SLURM_DB_PORT:-33061}
 CLUSTER=lungcls
+ACCOUNTING=${LUNG_CLS_SLURM_ACCOUNTING:-1}
 
 say() { echo "slurm-up: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -75,26 +78,34 @@ fi
 wait_for 10 munged bash -c "munge -n | unmunge"
 
 # ---------------------------------------------------------------- MariaDB (accounting store)
-if [[ ! -d $STATE/mysql/mysql ]]; then
-    mariadb-install-db --no-defaults --user=root --datadir="$STATE/mysql" --skip-test-db \
-        --auth-root-authentication-method=socket >"$STATE/log/mariadb-install.log" 2>&1 \
-        || die "mariadb-install-db failed: see $STATE/log/mariadb-install.log"
-fi
-if ! running "$STATE/mariadb.pid"; then
-    nohup mariadbd --no-defaults --user=root --datadir="$STATE/mysql" \
-        --socket="$STATE/mysql.sock" --pid-file="$STATE/mariadb.pid" \
-        --bind-address=127.0.0.1 --port="$DB_PORT" --innodb-buffer-pool-size=128M \
-        --innodb-lock-wait-timeout=900 --log-error="$STATE/log/mariadb.log" \
-        >/dev/null 2>&1 &
-fi
-wait_for 60 MariaDB mariadb --no-defaults -S "$STATE/mysql.sock" -u root -e "SELECT 1"
-mariadb --no-defaults -S "$STATE/mysql.sock" -u root <<'SQL'
+start_db() {
+    if [[ ! -d $STATE/mysql/mysql ]]; then
+        mariadb-install-db --no-defaults --user=root --datadir="$STATE/mysql" --skip-test-db \
+            --auth-root-authentication-method=socket >"$STATE/log/mariadb-install.log" 2>&1 \
+            || die "mariadb-install-db failed: see $STATE/log/mariadb-install.log"
+    fi
+    if ! running "$STATE/mariadb.pid"; then
+        nohup mariadbd --no-defaults --user=root --datadir="$STATE/mysql" \
+            --socket="$STATE/mysql.sock" --pid-file="$STATE/mariadb.pid" \
+            --bind-address=127.0.0.1 --port="$DB_PORT" --innodb-buffer-pool-size=128M \
+            --innodb-lock-wait-timeout=900 --log-error="$STATE/log/mariadb.log" \
+            >/dev/null 2>&1 &
+    fi
+    wait_for 60 MariaDB mariadb --no-defaults -S "$STATE/mysql.sock" -u root -e "SELECT 1"
+    mariadb --no-defaults -S "$STATE/mysql.sock" -u root <<'SQL'
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
 SQL
+}
+if [[ $ACCOUNTING == 1 ]]; then
+    start_db
+    storage=accounting_storage/slurmdbd
+else
+    storage=accounting_storage/none
+fi
 
 # ---------------------------------------------------------------- configuration
 cat >"$STATE/slurm.conf" <<EOF
@@ -120,7 +131,7 @@ SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
-AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageType=$storage
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -149,9 +160,11 @@ chmod 600 "$STATE/slurmdbd.conf"  # slurmdbd refuses a readable one (it holds th
 export SLURM_CONF=$STATE/slurm.conf  # slurmdbd finds slurmdbd.conf next to it
 
 # ---------------------------------------------------------------- daemons
-running "$STATE/slurmdbd.pid" || slurmdbd
-wait_for 30 slurmdbd sacctmgr -n list cluster
-sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
+if [[ $ACCOUNTING == 1 ]]; then
+    running "$STATE/slurmdbd.pid" || slurmdbd
+    wait_for 30 slurmdbd sacctmgr -n list cluster
+    sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
+fi
 running "$STATE/slurmctld.pid" || slurmctld -f "$SLURM_CONF"
 wait_for 30 slurmctld scontrol ping
 running "$STATE/slurmd.pid" || slurmd -f "$SLURM_CONF" -N localhost

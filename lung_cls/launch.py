@@ -275,6 +275,20 @@ def slurm_queue_state(job_id: str) -> str | None:
     return states[0] if states else None
 
 
+def slurm_accounting(job_id: str) -> tuple[bool, str]:
+    """Whether ``sacct`` answers on this cluster (SLURM accounting is on), and if not, why."""
+    try:
+        proc = subprocess.run(
+            ["sacct", "-n", "-X", "-j", job_id, "-o", "State"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as err:
+        return False, f"sacct: {err}"
+    if proc.returncode != 0:
+        return False, f"sacct: {proc.stderr.strip()[:200] or f'exit code {proc.returncode}'}"
+    return True, ""
+
+
 class RecordingLauncher:
     """What both submitit launchers add: every job's result is collected on its own.
 
@@ -468,5 +482,7 @@ __all__ = [
     "register_resolvers",
     "require_launcher_plugin",
     "runs_on_cpu",
+    "slurm_accounting",
+    "slurm_queue_state",
     "train_in_subprocess",
 ]

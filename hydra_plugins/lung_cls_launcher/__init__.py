@@ -10,12 +10,20 @@ No ``from __future__ import annotations``: Hydra imports plugin modules without 
 in ``sys.modules`` first, and dataclasses then cannot read string annotations.
 """
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lung_cls.launch import SLURM_NOT_OVER, RecordingLauncher, slurm_queue_state
+from lung_cls.launch import (
+    SLURM_NOT_OVER,
+    RecordingLauncher,
+    slurm_accounting,
+    slurm_queue_state,
+)
+
+log = logging.getLogger("lung_cls.launch")
 
 try:
     from hydra.core.config_store import ConfigStore
@@ -40,10 +48,21 @@ else:
 
         _EXECUTOR = "slurm"
 
+        _accounting: bool | None = None  # found out at the first poll
+
         def _refresh(self, jobs: Sequence[Any]) -> None:
-            if (
-                jobs
-            ):  # one sacct call for all the jobs every poll (submitit's own backs off to 10 min)
+            if not jobs:
+                return
+            if self._accounting is None:
+                self._accounting, why = slurm_accounting(jobs[0].job_id)
+                if not self._accounting:
+                    log.warning(
+                        "SLURM accounting is off (%s): job states come from squeue, and a job "
+                        "that neither sacct nor squeue knows is waited for at most %.0f s",
+                        why, self.unknown_wait_s,
+                    )  # fmt: skip
+            if self._accounting:
+                # One sacct call for all the jobs every poll (submitit's own backs off to 10 min).
                 jobs[0].watcher.update()
 
         def _ended(self, job: Any, first_unknown: dict[str, float]) -> str | None:

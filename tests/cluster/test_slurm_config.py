@@ -272,3 +272,11 @@ def test_job_without_result_is_recorded_without_asking_submitit(tmp_path):
     metrics = json.loads((tmp_path / "model=resnet18,seed=1" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "42_1" in metrics["error"]
     assert "UNKNOWN" in metrics["error"] and metrics["stderr"].endswith("e")
+
+
+def test_no_sacct_means_no_accounting(monkeypatch, tmp_path):
+    from lung_cls.launch import slurm_accounting
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sacct at all
+    on, why = slurm_accounting("1")
+    assert on is False and "sacct" in why
