@@ -44,6 +44,28 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not record.name.startswith(_LIBRARY_LOGGERS)
 
 
+class _DropRepeats(logging.Filter):
+    """Console only: an INFO record whose text this process already showed is not shown again.
+
+    A job sets its data up for fitting and again for testing, and a worker process runs several
+    jobs: "Prepared data loaded from cache ... (530 images)" would be printed once per setup.
+    Warnings and errors are always shown.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
 def _console_handlers() -> list[logging.Handler]:
     return [
         h
@@ -80,8 +102,9 @@ def quiet_console(verbose: bool = False) -> None:
         return
     filter_pointless_warnings()
     for handler in _console_handlers():
-        if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-            handler.addFilter(_QuietLibraries())
+        for kind in (_QuietLibraries, _DropRepeats):
+            if not any(isinstance(f, kind) for f in handler.filters):
+                handler.addFilter(kind())
     # W&B's banner ("Tracking run...", "Run data is saved locally...", "wandb sync ...") per run.
     # Only offline: an online run's URL is worth a line.
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):

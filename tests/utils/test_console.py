@@ -55,11 +55,29 @@ def test_lightning_info_leaves_the_console_but_stays_in_the_file(logging_state):
     logging.getLogger("lightning.pytorch.utilities.rank_zero").info("Tip: try litlogger")
     logging.getLogger("lightning.fabric.utilities.seed").warning("a real warning")
     logging.getLogger("lung_cls.progress").info("epoch 1/6")
+    for _ in range(2):  # data set up for fit, then for test: the same line twice
+        logging.getLogger("lung_cls.data").info("loaded from cache")
+        logging.getLogger("lung_cls.data").warning("3 files skipped")
     file.flush()
     shown = console.getvalue().splitlines()
-    assert shown == ["a real warning", "epoch 1/6"]  # each record once, the tip not at all
-    kept = logfile.read_text().splitlines()
-    assert kept == ["Tip: try litlogger", "a real warning", "epoch 1/6"]
+    # Each record once, the tip not at all, a repeated INFO text once; warnings always.
+    assert shown == [
+        "a real warning",
+        "epoch 1/6",
+        "loaded from cache",
+        "3 files skipped",
+        "3 files skipped",
+    ]
+    kept = logfile.read_text().splitlines()  # the file keeps everything
+    assert (
+        kept
+        == ["Tip: try litlogger", "a real warning", "epoch 1/6"]
+        + [
+            "loaded from cache",
+            "3 files skipped",
+        ]
+        * 2
+    )
 
 
 def test_verbose_keeps_lightning_on_the_console_once(logging_state):
