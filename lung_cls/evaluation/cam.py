@@ -412,15 +412,21 @@ def randomised_copy(net: nn.Module, seed: int = 0) -> nn.Module:
     randomisation test of Adebayo et al. 2018, all layers at once); ``net`` is untouched."""
     import copy
 
-    rand = copy.deepcopy(net)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    # Outside inference mode: Lightning's test hooks run inside it, and a copy made there would
+    # hold inference tensors that Grad-CAM's autograd cannot use.
+    with torch.inference_mode(False), torch.no_grad():
+        rand = copy.deepcopy(net)
+        for t in [*rand.parameters(), *rand.buffers()]:
+            t.data = t.data.clone()
     try:
         for module in rand.modules():
-            if module is not rand and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if hasattr(module, "reset_running_stats"):
-                module.reset_running_stats()
+            with torch.inference_mode(False), torch.no_grad():
+                if module is not rand and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                if hasattr(module, "reset_running_stats"):
+                    module.reset_running_stats()
     finally:
         torch.random.set_rng_state(gen_state)
     return rand

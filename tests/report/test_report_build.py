@@ -224,7 +224,7 @@ def test_figures_are_png(report_dir: Path) -> None:
 
 def test_html_is_self_contained_and_lists_failures(report_dir: Path) -> None:
     text = (report_dir / "report.html").read_text()
-    assert text.count("data:image/png;base64,") == 3
+    assert text.count("data:image/png;base64,") == 4  # Figs. 2-4 and the reliability diagram
     assert "<img" in text and 'src="fig' not in text  # no links to files next to it
     assert "model=resnet18,seed=1" in text and "disk quota exceeded" in text
     assert "WeightsNotFoundError: no local weights" in text
