@@ -294,6 +294,12 @@ class LungScanDataModule(L.LightningDataModule):
         ref_idx = np.flatnonzero(train & centred)
         record: dict[str, Any] = {"source": "train", "n_images": int(ref_idx.size)}
         record["n_aligned"] = 0
+        how = self.cfg.get("nmi_reference", "train")
+        if how not in ("train", "cohort"):
+            raise DataSetupError(f"data.nmi_reference must be 'train' or 'cohort', got {how!r}")
+        if how == "cohort":  # the earlier behaviour: aligned to the whole cohort's centred mean
+            record["source"] = "cohort (data.nmi_reference=cohort)"
+            return record
         if not todo:
             return record
         if ref_idx.size == 0:

@@ -165,3 +165,5 @@ def test_nmi_fallback_is_aligned_to_training_images_only(monkeypatch) -> None:
     expected[12:22, 7:17] = 200
     assert np.array_equal(dm.prepared.images[4], expected)
     assert np.array_equal(dm.prepared.masks["lungs"][4], expected > 0)
+    dm.cfg.nmi_reference = "cohort"  # the earlier, transductive behaviour on request
+    assert dm._align_fallback_to_training(splits)["source"].startswith("cohort")  # noqa: SLF001
