@@ -344,3 +344,37 @@ __all__: Sequence[str] = (
     "space_scores",
     "split_of",
 )
+
+
+def attach_to_existing(
+    ckpt_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Add the reference to a checkpoint trained before the image gate existed: its data set is
+    rebuilt from the data config the checkpoint stores (same split, same pre-processing)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lung_cls.data.datamodule import LungScanDataModule
+
+    ckpt = torch.load(Path(ckpt_path), map_location="cpu", weights_only=True)
+    meta = ckpt.get("lung_cls") or {}
+    if not meta.get("data"):
+        from lung_cls.errors import UserError
+
+        raise UserError(f"{ckpt_path}: the checkpoint stores no data config to rebuild its splits")
+    dm = LungScanDataModule(
+        OmegaConf.create(meta["data"]),
+        str(cache_dir) if cache_dir else None,
+        int(meta.get("seed", 0)),
+    )
+    dm.setup()
+    return attach_reference(ckpt_path, dm)
+
+
+if __name__ == "__main__":  # python -m lung_cls.qa.ood CKPT [CACHE_DIR]
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m lung_cls.qa.ood CKPT [CACHE_DIR]")
+    print(attach_to_existing(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
