@@ -117,20 +117,19 @@ def score(ens: Ensemble, chunk: Sequence[Prepared], opts: PredictOptions) -> Non
 def _draw_overlays(
     ens: Ensemble, chunk: Sequence[Prepared], images: np.ndarray, folder: Path
 ) -> None:
-    """One PNG per study: the CAM of the class the ensemble predicts (at 0.5, also in the band)."""
-    from lung_cls.evaluation.figures import overlay_title, render_overlay
+    """One PNG per study (`lung_cls.qa.overlay`): the original study with the CAM of the class
+    the ensemble predicts (at 0.5, also in the band) mapped back onto it, and its header facts."""
+    from lung_cls.qa.overlay import render_study_overlay
 
     targets = [int(c.row["prob_perfusion"] >= 0.5) for c in chunk]
     cams = ens.cams(images, targets)
     for c, cam, t in zip(chunk, cams, targets, strict=True):
-        row = c.row
-        name = overlay_name(row["_rel"])
-        title = overlay_title(
-            row["_rel"], row["predicted"], row["prob_perfusion"], row["prob_sd"],
-            row["declared"], row["status"], cam_class=CLASS_NAMES[t], n_models=len(ens.members),
-        )  # fmt: skip
-        render_overlay(c.image, cam, title, folder / name, status=row["status"])
-        row["overlay"] = f"{folder.name}/{name}"
+        name = overlay_name(c.row["_rel"])
+        raw = c.raw if c.raw is not None else c.image
+        render_study_overlay(
+            raw, cam, c.info, c.row, c.meta, folder / name, cam_class=CLASS_NAMES[t]
+        )
+        c.row["overlay"] = f"{folder.name}/{name}"
 
 
 def predict_files(
