@@ -28,7 +28,6 @@ from lung_cls.qa.inputs import (
     prepare_file,
     prepare_image,
 )
-from lung_cls.qa.ood import identity_of, image_gate, split_of
 
 if TYPE_CHECKING:
     from lung_cls.data.sources import DataError
@@ -73,6 +72,8 @@ def overlay_name(rel: str) -> str:
 
 def training_identity(ens: Ensemble) -> dict[str, dict[str, set[str]]]:
     """The members' training and validation images (pixel hashes, SOP Instance UIDs), pooled."""
+    from lung_cls.qa.ood import identity_of
+
     pooled: dict[str, dict[str, set[str]]] = {}
     for m in ens.runners:
         for split, part in identity_of(getattr(m, "ood", None)).items():
@@ -85,6 +86,9 @@ def score(ens: Ensemble, chunk: Sequence[Prepared], opts: PredictOptions) -> Non
     """Fill the rows of pre-processed studies in place: probabilities, decision, the image gate
     (which may turn the decision into ``review: lungs not found`` or ``rejected: ...``), whether
     the study is one of the model's own training images, the overlay."""
+    # Imported here so that `python -m lung_cls.qa.ood` finds its module not yet imported.
+    from lung_cls.qa.ood import image_gate, split_of
+
     if not chunk:
         return
     images = np.stack([c.image for c in chunk])

@@ -39,7 +39,6 @@ from lung_cls.qa.checkpoints import (
     load_checkpoint,
     resolve_one_checkpoint,
 )
-from lung_cls.qa.ood import to_json
 from lung_cls.utils.io import atomic_write_json
 
 INPUT_NAME = "image"
@@ -236,6 +235,8 @@ def build_sidecar(
     import onnx
     import onnxruntime
     import torch
+
+    from lung_cls.qa.ood import to_json
 
     size = int(prep["size"])
     return {

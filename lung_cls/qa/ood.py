@@ -371,10 +371,20 @@ def attach_to_existing(
     return attach_reference(ckpt_path, dm)
 
 
-if __name__ == "__main__":  # python -m lung_cls.qa.ood CKPT [CACHE_DIR]
+def main(argv: Sequence[str]) -> int:
+    """``python -m lung_cls.qa.ood CKPT [CACHE_DIR]``: add the reference to an older checkpoint."""
+    from lung_cls.errors import UserError
+
+    if not argv or len(argv) > 2:
+        raise UserError("usage: python -m lung_cls.qa.ood CKPT [CACHE_DIR]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(attach_to_existing(argv[0], argv[1] if len(argv) > 1 else None))
+    return 0
+
+
+if __name__ == "__main__":
     import sys
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m lung_cls.qa.ood CKPT [CACHE_DIR]")
-    print(attach_to_existing(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
+    from lung_cls.errors import task_wrapper
+
+    task_wrapper(main)(sys.argv[1:])
