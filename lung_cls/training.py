@@ -210,7 +210,10 @@ def _attach_qa_reference(trainer: Any, datamodule: Any) -> None:
     if best and Path(best).is_file() and not trainer.fast_dev_run:
         from lung_cls.qa.ood import attach_reference
 
-        attach_reference(best, datamodule)
+        try:
+            attach_reference(best, datamodule)
+        except ValueError as err:  # e.g. a validation split too small to calibrate on
+            log.warning("No OOD reference stored in %s: %s", best, err)
 
 
 # --------------------------------------------------------------------------- the run-dir policy

@@ -210,7 +210,7 @@ class Ensemble:
     @property
     def has_ood(self) -> bool:
         """Every member carries a training-set reference: the image gate can score images."""
-        return all(getattr(m, "ood", None) for m in self.runners)
+        return all((getattr(m, "ood", None) or {}).get("spaces") for m in self.runners)
 
     def ood_scores(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray | None:
         """uint8 (N, S, S) -> the members' mean normalised OOD score (N,) (`lung_cls.qa.ood`:

@@ -28,7 +28,6 @@ from lung_cls.qa.inputs import (
     prepare_file,
     prepare_image,
 )
-from lung_cls.qa.ood import identity_of, image_gate, split_of
 
 if TYPE_CHECKING:
     from lung_cls.data.sources import DataError
@@ -73,6 +72,8 @@ def overlay_name(rel: str) -> str:
 
 def training_identity(ens: Ensemble) -> dict[str, dict[str, set[str]]]:
     """The members' training and validation images (pixel hashes, SOP Instance UIDs), pooled."""
+    from lung_cls.qa.ood import identity_of
+
     pooled: dict[str, dict[str, set[str]]] = {}
     for m in ens.runners:
         for split, part in identity_of(getattr(m, "ood", None)).items():
@@ -85,6 +86,9 @@ def score(ens: Ensemble, chunk: Sequence[Prepared], opts: PredictOptions) -> Non
     """Fill the rows of pre-processed studies in place: probabilities, decision, the image gate
     (which may turn the decision into ``review: lungs not found`` or ``rejected: ...``), whether
     the study is one of the model's own training images, the overlay."""
+    # Imported here so that `python -m lung_cls.qa.ood` finds its module not yet imported.
+    from lung_cls.qa.ood import image_gate, split_of
+
     if not chunk:
         return
     images = np.stack([c.image for c in chunk])
@@ -117,20 +121,19 @@ def score(ens: Ensemble, chunk: Sequence[Prepared], opts: PredictOptions) -> Non
 def _draw_overlays(
     ens: Ensemble, chunk: Sequence[Prepared], images: np.ndarray, folder: Path
 ) -> None:
-    """One PNG per study: the CAM of the class the ensemble predicts (at 0.5, also in the band)."""
-    from lung_cls.evaluation.figures import overlay_title, render_overlay
+    """One PNG per study (`lung_cls.qa.overlay`): the original study with the CAM of the class
+    the ensemble predicts (at 0.5, also in the band) mapped back onto it, and its header facts."""
+    from lung_cls.qa.overlay import render_study_overlay
 
     targets = [int(c.row["prob_perfusion"] >= 0.5) for c in chunk]
     cams = ens.cams(images, targets)
     for c, cam, t in zip(chunk, cams, targets, strict=True):
-        row = c.row
-        name = overlay_name(row["_rel"])
-        title = overlay_title(
-            row["_rel"], row["predicted"], row["prob_perfusion"], row["prob_sd"],
-            row["declared"], row["status"], cam_class=CLASS_NAMES[t], n_models=len(ens.members),
-        )  # fmt: skip
-        render_overlay(c.image, cam, title, folder / name, status=row["status"])
-        row["overlay"] = f"{folder.name}/{name}"
+        name = overlay_name(c.row["_rel"])
+        raw = c.raw if c.raw is not None else c.image
+        render_study_overlay(
+            raw, cam, c.info, c.row, c.meta, folder / name, cam_class=CLASS_NAMES[t]
+        )
+        c.row["overlay"] = f"{folder.name}/{name}"
 
 
 def predict_files(

@@ -259,8 +259,7 @@ def acquisition(facts: HeaderFacts, settings: GateSettings) -> str | None:
     distinct = len({str(v).strip().upper() for v in facts.views if v})
     if facts.n_frames > settings.max_static_frames and distinct < facts.n_frames:
         return (
-            f"{facts.n_frames} frames with {distinct} distinct view(s): a dynamic or gated "
-            "series"
+            f"{facts.n_frames} frames with {distinct} distinct view(s): a dynamic or gated series"
         )
     return None
 

@@ -87,8 +87,8 @@ def find_inputs(
         else:
             shown = f".{ext}" if ext else "no extension"
             skipped.append((p, f"not an image file type ({shown})"))
-    if skipped:
-        log.info(
+    if skipped:  # each gets its own row (and console line) from the caller
+        log.debug(
             "%d file(s) under %s are not images of the accepted types: %s",
             len(skipped), root, ", ".join(p.name for p, _ in skipped[:10]),
         )  # fmt: skip

@@ -3,13 +3,15 @@
 An export folder holds:
 
 * ``model.onnx`` - input ``image``: float32 (N, 1, S, S), the pre-processed uint8 image / 255,
-  dynamic batch; outputs ``logits`` (N, 2: ventilation, perfusion) and ``prob_perfusion`` (N,).
+  dynamic batch; outputs ``logits`` (N, 2: ventilation, perfusion), ``prob_perfusion`` (N,) and
+  ``features`` (N, D), the penultimate-layer features the image gate scores (`lung_cls.qa.ood`).
   The grey-to-RGB adapter and the ImageNet normalisation are inside the graph.
 * ``reference.npy`` - the mean centred training image (S, S) 0..255, the target of the NMI fallback
   for studies whose lungs cannot be separated (absent if the checkpoint has none).
 * ``model.json`` - the sidecar: the pre-processing config (the training run's ``data.preprocess``,
   with every default filled in), class names, input size, backbone, opset, the SHA-256 of the
-  checkpoint and of the ONNX file, and the measured PyTorch/ONNX Runtime parity.
+  checkpoint and of the ONNX file, the measured PyTorch/ONNX Runtime parity, and ``ood``: the
+  checkpoint's training-set reference for the image gate (null for a checkpoint without one).
 
 The export checks itself: ONNX Runtime must reproduce PyTorch's logits and probabilities within
 ``atol`` (1e-4) on batches of two sizes (so the dynamic batch axis is exercised too); otherwise
@@ -68,9 +70,13 @@ def _exportable(net: Any) -> Any:
             super().__init__()
             self.inner = inner
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = self.inner(x)
-            return logits, torch.softmax(logits.float(), dim=1)[:, 1]
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # The backbone's two halves, so the penultimate features (the image gate's OOD score,
+            # lung_cls.qa.ood) come out of the same pass as the logits.
+            fmap = self.inner.net.forward_features(self.inner.adapter(x))
+            logits = self.inner.net.forward_head(fmap)
+            feats = self.inner.net.forward_head(fmap, pre_logits=True).flatten(1)
+            return logits, torch.softmax(logits.float(), dim=1)[:, 1], feats
 
     return _WithProb(net).eval()
 
@@ -86,7 +92,8 @@ def export_graph(net: Any, path: str | os.PathLike, size: int, opset: int = 17) 
 
     module = _exportable(net)
     dummy = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
-    axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    outputs = [*OUTPUT_NAMES, FEATURES_NAME]
+    axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -94,7 +101,7 @@ def export_graph(net: Any, path: str | os.PathLike, size: int, opset: int = 17) 
             (dummy,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=outputs,
             dynamic_axes=axes,
             opset_version=int(opset),
             do_constant_folding=True,
@@ -138,7 +145,7 @@ def check_parity(
         if reference is not None and n > 1:
             x[0, 0] = torch.from_numpy(np.asarray(reference, np.float32) / 255.0).clamp(0, 1)
         with torch.no_grad():
-            logits_t, prob_t = module(x)
+            logits_t, prob_t, _ = module(x)
         logits_o, prob_o = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
         if logits_o.shape != (n, 2) or prob_o.shape != (n,):
             raise ParityError(
@@ -229,6 +236,8 @@ def build_sidecar(
     import onnxruntime
     import torch
 
+    from lung_cls.qa.ood import to_json
+
     size = int(prep["size"])
     return {
         "format": SIDECAR_FORMAT,
@@ -246,7 +255,11 @@ def build_sidecar(
         "outputs": {
             "logits": {"shape": ["batch", 2], "classes": list(CLASS_NAMES)},
             "prob_perfusion": {"shape": ["batch"], "meaning": "softmax(logits)[:, 1]"},
+            FEATURES_NAME: {"shape": ["batch", "D"], "meaning": "penultimate-layer features"},
         },
+        # The image gate's training-set reference (lung_cls.qa.ood), thresholds included.
+        "ood": to_json(meta["ood_reference"]) if meta.get("ood_reference") else None,
+        "pretrained": meta.get("pretrained"),
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[1],
         "image_size": size,

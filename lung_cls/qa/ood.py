@@ -344,3 +344,47 @@ __all__: Sequence[str] = (
     "space_scores",
     "split_of",
 )
+
+
+def attach_to_existing(
+    ckpt_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Add the reference to a checkpoint trained before the image gate existed: its data set is
+    rebuilt from the data config the checkpoint stores (same split, same pre-processing)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lung_cls.data.datamodule import LungScanDataModule
+
+    ckpt = torch.load(Path(ckpt_path), map_location="cpu", weights_only=True)
+    meta = ckpt.get("lung_cls") or {}
+    if not meta.get("data"):
+        from lung_cls.errors import UserError
+
+        raise UserError(f"{ckpt_path}: the checkpoint stores no data config to rebuild its splits")
+    dm = LungScanDataModule(
+        OmegaConf.create(meta["data"]),
+        str(cache_dir) if cache_dir else None,
+        int(meta.get("seed", 0)),
+    )
+    dm.setup()
+    return attach_reference(ckpt_path, dm)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m lung_cls.qa.ood CKPT [CACHE_DIR]``: add the reference to an older checkpoint."""
+    from lung_cls.errors import UserError
+
+    if not argv or len(argv) > 2:
+        raise UserError("usage: python -m lung_cls.qa.ood CKPT [CACHE_DIR]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(attach_to_existing(argv[0], argv[1] if len(argv) > 1 else None))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from lung_cls.errors import task_wrapper
+
+    task_wrapper(main)(sys.argv[1:])

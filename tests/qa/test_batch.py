@@ -145,3 +145,31 @@ def test_one_file_and_one_image_in_memory_give_the_folder_run_rows(studies, tmp_
     flat = check_image(ens, np.ones((64, 64)), {"series_description": "LUNG VENT"}, "flat")
     assert flat["status"].startswith("error: constant image") and flat["declared"] == "ventilation"
     assert flat["prob_perfusion"] is None
+
+
+def test_studies_of_the_models_own_training_split_are_marked_and_warned(studies):
+    from lung_cls.data.sources import pixel_hash, read_image
+    from lung_cls.qa.settings import model_warnings
+
+    root, truth = studies
+    files, errors, root = find_inputs(root)
+    first = sorted(truth)[0]
+    train_hash = pixel_hash(read_image(root / "day1" / first)[0])
+    uid = str(pydicom_uid(root / "day1" / sorted(truth)[1]))
+    member = Member()
+    member.ood = {"train": {"pixel_hashes": [train_hash]}, "val": {"sop_instance_uids": [uid]}}
+    ens = Ensemble.of([member])
+    assert not ens.has_ood  # identities only, no fitted spaces: no OOD score
+    rows = {Path(r["file"]).name: r for r in predict_files(ens, files, root, PredictOptions())}
+    assert rows[first]["training_split"] == "train"
+    assert rows[sorted(truth)[1]]["training_split"] == "val"
+    assert all(rows[n]["training_split"] is None for n in sorted(truth)[2:])
+    text = " ".join(model_warnings(ens, list(rows.values())))
+    assert "1 input stud(y/ies) are in the model's own training split" in text
+    assert "validation split" in text and "below the paper's 224 px" in text
+
+
+def pydicom_uid(path):
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID

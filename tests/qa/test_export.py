@@ -57,6 +57,30 @@ def test_onnx_matches_pytorch_within_1e4(exported):
         np.testing.assert_allclose(logits_o, logits_t.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(prob_o, predict_probs(net, x).numpy(), atol=1e-4, rtol=0)
     assert reference is not None and reference.shape == (32, 32)
+    # The image gate's features come out of the same graph, equal to PyTorch's.
+    from lung_cls.qa.ood import net_features
+
+    x = torch.rand(3, 1, 32, 32, generator=g)
+    (feats,) = session.run(["features"], {"image": x.numpy()})
+    np.testing.assert_allclose(feats, net_features(net, x), atol=1e-4, rtol=0)
+    assert sidecar["ood"] is None  # a scratch checkpoint without a reference: none travels
+
+
+def test_the_ood_reference_travels_in_model_json(tmp_path):
+    from lung_cls.qa.backends import OnnxMember
+    from lung_cls.qa.ood import REFERENCE_KEY, build_reference, to_storable
+
+    ckpt = save_scratch_checkpoint(tmp_path / "best.ckpt", size=32)
+    rng = np.random.default_rng(0)
+    make = lambda n: {"features": rng.normal(size=(n, 512)), "pixels": rng.random((n, 1024))}  # noqa: E731
+    state = torch.load(ckpt, weights_only=True)
+    state[REFERENCE_KEY] = to_storable(build_reference(make(40), make(10)))
+    torch.save(state, ckpt)
+    export_checkpoint(ckpt, tmp_path / "onnx")
+    member = OnnxMember.load(tmp_path / "onnx")
+    assert member.ood["n_train"] == 40 and set(member.ood["spaces"]) == {"features", "pixels"}
+    x = np.random.default_rng(1).random((2, 1, 32, 32)).astype(np.float32)
+    assert member.features(x, 2).shape == (2, 512)
 
 
 def test_parity_check_fails_loudly(exported):
