@@ -2,8 +2,8 @@
 the QA check says about it.
 
 The node never decides anything about the image itself: it picks the image and its header texts
-and asks the QA library through `check_one` - the one line to change when the header/image gate
-of ``lung_cls.qa`` takes over. `verdict_of` turns the QA row into the node's series status:
+and asks the QA library through `check_one`, which runs the QA gate of ``lung_cls.qa`` (the
+header gate on the instance's dataset, then the image gate and the classifier). `verdict_of` turns the QA row into the node's series status:
 
     ok / review      forwarded (review is flagged in the audit log)
     mismatch         the confident prediction contradicts the declared class
@@ -43,11 +43,13 @@ def check_one(
     header: Mapping[str, Any],
     name: str,
     options: PredictOptions | None = None,
+    dataset: Any = None,
 ) -> dict[str, Any]:
-    """The adapter to the QA library: one image in memory and its header texts -> the QA row."""
+    """The adapter to the QA library: one image in memory and its header texts -> the QA row.
+    With ``dataset`` (the instance, pixels included) the header gate runs on it first."""
     from lung_cls.qa.batch import check_image
 
-    return check_image(ens, pixels, header, name, options)
+    return check_image(ens, pixels, header, name, options, dataset=dataset)
 
 
 @dataclass
@@ -185,6 +187,10 @@ def check_series(
             read.matcher if read is not None else KeywordMatcher(),
         ).cls
         return verdict
-    verdict = verdict_of(check_one(ens, pixels, dataset_texts(ds), sop, options))
+    try:  # the whole instance, for the header gate (the headers above stop before the pixels)
+        full = pydicom.dcmread(path)
+    except Exception as err:  # noqa: BLE001 - read_image just read it; say what changed
+        return Verdict(REJECTED, reason=f"rejected: unreadable in the spool ({err})", image=sop)
+    verdict = verdict_of(check_one(ens, pixels, dataset_texts(full), sop, options, dataset=full))
     verdict.image = sop
     return verdict
