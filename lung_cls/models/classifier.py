@@ -270,4 +270,7 @@ def load_lung_net(
     # The QA gate's training-set reference (lung_cls.qa.ood), and whether the run was pretrained.
     meta["ood_reference"] = ckpt.get("lung_cls_ood")
     meta["pretrained"] = hp.get("pretrained")
+    # Temperature scaling fitted on validation (temperature_scaling=true), or None.
+    temp = ckpt.get("temperature")
+    meta["temperature"] = float(temp) if temp is not None else None
     return model, meta

@@ -55,6 +55,16 @@ class Member(Protocol):
         ...
 
 
+def calibrated(probs: np.ndarray, temperature: float | None) -> np.ndarray:
+    """P(perfusion) with the member's stored temperature applied (Guo et al. 2017), so the review
+    band means what it says; unchanged without one (``None`` or 1)."""
+    if temperature is None or float(temperature) == 1.0:
+        return probs
+    from lung_cls.evaluation.calibration import scale_probs
+
+    return scale_probs(probs, float(temperature))
+
+
 @dataclass
 class TorchMember:
     """A training checkpoint, run by PyTorch."""
@@ -68,6 +78,8 @@ class TorchMember:
     device: str = "cpu"
     ood: dict[str, Any] | None = None
     """The training set's OOD reference (`lung_cls.qa.ood`), or None (an older checkpoint)."""
+    temperature: float | None = None
+    """Temperature fitted on validation at training time (None: probabilities as the net gives)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> TorchMember:
@@ -81,6 +93,7 @@ class TorchMember:
             meta.get("reference_image"),
             device,
             from_stored(meta.get("ood_reference")),
+            temperature=meta.get("temperature"),
         )
 
     def features(self, x: np.ndarray, batch_size: int) -> np.ndarray | None:
@@ -96,7 +109,8 @@ class TorchMember:
         from lung_cls.models.classifier import predict_probs
 
         xt = torch.from_numpy(x).to(self.device)
-        return predict_probs(self.net, xt, batch_size=batch_size).double().cpu().numpy()
+        probs = predict_probs(self.net, xt, batch_size=batch_size).double().cpu().numpy()
+        return calibrated(probs, self.temperature)
 
     def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int) -> np.ndarray:
         import torch
@@ -121,6 +135,7 @@ class OnnxMember:
     prep: dict[str, Any]
     reference: np.ndarray | None
     ood: dict[str, Any] | None = None
+    temperature: float | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> OnnxMember:
@@ -135,9 +150,11 @@ class OnnxMember:
             "epoch": sidecar.get("epoch"),
             "checkpoint_sha256": (sidecar.get("checkpoint") or {}).get("sha256"),
             "pretrained": sidecar.get("pretrained"),
+            "temperature": sidecar.get("temperature"),
         }
         prep = preprocessing_block(sidecar.get("preprocess"), path)
-        return cls(session, info, prep, reference, from_stored(sidecar.get("ood")))
+        ood = from_stored(sidecar.get("ood"))
+        return cls(session, info, prep, reference, ood, temperature=sidecar.get("temperature"))
 
     def features(self, x: np.ndarray, batch_size: int) -> np.ndarray | None:
         names = {o.name for o in self.session.get_outputs()}
@@ -154,7 +171,7 @@ class OnnxMember:
             self.session.run([OUTPUT_NAMES[1]], {INPUT_NAME: x[s : s + batch_size]})[0]
             for s in range(0, len(x), batch_size)
         ]
-        return np.concatenate(probs).astype(np.float64).reshape(-1)
+        return calibrated(np.concatenate(probs).astype(np.float64).reshape(-1), self.temperature)
 
     def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int) -> np.ndarray:
         raise RuntimeError("CAM needs the torch backend")

@@ -138,4 +138,5 @@ def checkpoint_info(path: str | os.PathLike, meta: Mapping[str, Any]) -> dict[st
         "seed": meta.get("seed"),
         "epoch": meta.get("epoch"),
         "pretrained": meta.get("pretrained"),
+        "temperature": meta.get("temperature"),
     }

@@ -260,6 +260,7 @@ def build_sidecar(
         # The image gate's training-set reference (lung_cls.qa.ood), thresholds included.
         "ood": to_json(meta["ood_reference"]) if meta.get("ood_reference") else None,
         "pretrained": meta.get("pretrained"),
+        "temperature": meta.get("temperature"),
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[1],
         "image_size": size,

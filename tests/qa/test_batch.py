@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from qa_helpers import SIM_EASY, make_study_dir
+from qa_helpers import SIM_EASY, make_study_dir, save_scratch_checkpoint
 
 from lung_cls.data.preprocess import prep_config
 from lung_cls.errors import UserError
@@ -173,3 +173,28 @@ def pydicom_uid(path):
     import pydicom
 
     return pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+
+
+def test_stored_temperature_scales_the_probabilities_the_qa_tool_reports(tmp_path) -> None:
+    """A checkpoint fitted with temperature_scaling=true carries T; the QA member divides the logit
+    by it (review band and P(perfusion) then mean what they say); without T nothing changes."""
+    import torch
+
+    from lung_cls.evaluation.calibration import scale_probs
+    from lung_cls.qa.backends import TorchMember, calibrated
+
+    plain = save_scratch_checkpoint(tmp_path / "plain.ckpt", size=32)
+    ckpt = torch.load(plain, map_location="cpu", weights_only=True)
+    ckpt["temperature"] = 2.5
+    hot = tmp_path / "hot.ckpt"
+    torch.save(ckpt, hot)
+
+    x = np.random.default_rng(0).random((4, 1, 32, 32)).astype(np.float32)
+    a, b = TorchMember.load(plain), TorchMember.load(hot)
+    assert a.temperature is None and b.temperature == 2.5 and b.info["temperature"] == 2.5
+    p_plain, p_hot = a.probs(x, 2), b.probs(x, 2)
+    np.testing.assert_allclose(p_hot, scale_probs(p_plain, 2.5), rtol=1e-9)
+    # T > 1 pulls every probability towards 0.5, ranking kept.
+    assert np.all(np.abs(p_hot - 0.5) <= np.abs(p_plain - 0.5) + 1e-12)
+    assert np.array_equal(np.argsort(p_hot), np.argsort(p_plain))
+    assert calibrated(p_plain, None) is p_plain and calibrated(p_plain, 1.0) is p_plain
