@@ -59,15 +59,20 @@ def main(cfg: DictConfig) -> None:
     console = Console(stderr=True, soft_wrap=True)
     summary = run(cfg)
     m = summary["methods"]
+    skipped, ignored = summary["skipped"], summary.get("ignored", [])
+    total = summary["n"] + len(skipped) + len(ignored)
     console.print(
-        f"Pre-processed {summary['n']} image(s) -> {escape(summary['output'])}: "
-        f"{m.get('centroid', 0)} centred by lung centroids, {m.get('nmi', 0)} by the NMI fallback"
-        + (f", {m['none']} not centred" if m.get("none") else "")
+        f"{total} file(s): {summary['n']} pre-processed -> {escape(summary['output'])} "
+        f"({m.get('centroid', 0)} centred by lung centroids, {m.get('nmi', 0)} by the NMI "
+        f"fallback, {m.get('none', 0)} not centred), {len(skipped)} skipped, "
+        f"{len(ignored)} ignored"
     )
-    if summary["skipped"]:
-        console.print(f"[yellow]Skipped {len(summary['skipped'])} file(s):[/yellow]")
-        for line in summary["skipped"]:
+    if skipped:
+        console.print(f"[yellow]Skipped {len(skipped)} file(s):[/yellow]")
+        for line in skipped:
             console.print(f"  {escape(line)}")
+    for name in ignored:
+        console.print(f"  ignored: {escape(name)}")
 
 
 if __name__ == "__main__":

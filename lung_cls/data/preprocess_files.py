@@ -200,8 +200,31 @@ def write_preprocessed(
         "n": len(studies),
         "methods": dict(Counter(info["method"] for info in infos)),
         "skipped": [str(e) for e in errors],
+        "ignored": ignored_files(data_cfg, studies, errors, out),
         "output": str(out),
     }
+
+
+def ignored_files(data_cfg: Mapping[str, Any], studies: list, errors: list, out: Path) -> list[str]:
+    """Files under a folder input that were neither read nor skipped (not images by their name,
+    hidden, or outside the class folders): named, so the summary adds up to every file there."""
+    from lung_cls.data.sources import DEFAULT_EXTENSIONS
+
+    if str(data_cfg.get("source", "")) != "folder":
+        return []
+    root = Path(str(data_cfg.get("root"))).expanduser().resolve()
+    seen = {Path(s.path).resolve() for s in studies}
+    seen |= {Path(e.path).resolve() for e in errors if getattr(e, "path", None)}
+    out = out.resolve()
+    ignored = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.resolve() in seen or out in path.resolve().parents:
+            continue
+        rel = path.relative_to(root)
+        is_image = path.suffix.lower().lstrip(".") in DEFAULT_EXTENSIONS
+        why = "outside the class folders" if is_image else "not an image file by its name"
+        ignored.append(f"{rel} ({why})")
+    return ignored
 
 
 __all__ = [

@@ -66,7 +66,10 @@ def test_cli_label_less_folder_and_manifest(tmp_path):
         np.save(src / f"x{i}.npy", lungs(rng=np.random.default_rng(i)))
     cfg = compose([f"input={src}", f"output={tmp_path / 'o'}"], config_name="preprocess")
     assert data_config_for(src, cfg)["class_dirs"] is None
-    assert run(cfg)["n"] == 2
+    (src / "README.txt").write_text("what these are")
+    summary = run(cfg)
+    assert summary["n"] == 2 and summary["skipped"] == []
+    assert summary["ignored"] == ["README.txt (not an image file by its name)"]
     cfg = compose([f"input={src}", f"output={src / 'o'}"], config_name="preprocess")
     with pytest.raises(UserError, match="inside the input folder"):
         run(cfg)
@@ -99,4 +102,13 @@ def test_cli_bad_file_is_one_line(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Skipped 1 file(s)" in proc.stderr
+    # One summary that adds up: every file under the input is pre-processed, skipped or ignored.
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "perfusion" / "bad.png").unlink()
+    proc = subprocess.run(
+        cmd + ["overwrite=true"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "6 file(s): 5 pre-processed" in proc.stderr and "0 skipped, 1 ignored" in proc.stderr
+    assert "ignored: notes.txt (not an image file by its name)" in proc.stderr
     assert not (tmp_path / "outputs").exists() and not list(tmp_path.glob("*.log"))
