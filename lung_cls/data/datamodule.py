@@ -203,7 +203,7 @@ class LungScanDataModule(L.LightningDataModule):
             )  # fmt: skip
         train_idx = np.flatnonzero(splits == "train")
         balanced, factor = upsample_indices(train_idx, labels, int(self.cfg.split_seed))
-        log.info(
+        log.debug(  # in metrics.json (data.upsample_factor, n_train_balanced); once per job
             "Training set balanced by up-sampling: minority x%.4f -> %d images",
             factor,
             len(balanced),

@@ -808,7 +808,7 @@ def prepare_dataset(
     if path.exists():
         try:
             data = load_prepared(path)
-            log.info("Prepared data loaded from cache %s (%d images)", path, len(data.images))
+            log.debug("Prepared data loaded from cache %s (%d images)", path, len(data.images))
             return data
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             log.warning("Cache %s unreadable (%s): rebuilding", path, err)

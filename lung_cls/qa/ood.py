@@ -134,7 +134,7 @@ def build_reference(
         thr, how = calibrate(space_scores(val[name], space), alpha / 2, margin)
         space["threshold"] = np.float32(thr)
         spaces[name] = space
-        log.info("OOD %s threshold %.3f (%s)", name, thr, how)
+        log.debug("OOD %s threshold %.3f (%s)", name, thr, how)
         val_norm.append(space_scores(val[name], space) / thr)
         if test is not None and name in test and len(test[name]):
             test_norm.append(space_scores(test[name], space) / thr)
