@@ -166,11 +166,16 @@ def fig_average_cams(
     return _save(fig, path)
 
 
-def _pct(mask: np.ndarray | None) -> str:
+def _pct(mask: np.ndarray | None, tested: np.ndarray | None = None) -> str:
+    """'x % of the n tested pixels' (the table's denominator), or of all pixels without a region."""
     if mask is None:
         return "n/a"
     m = np.asarray(mask, dtype=bool)
-    return f"{100.0 * m.mean():.1f}% of pixels" if m.size else "n/a"
+    if tested is None:
+        return f"{100.0 * m.mean():.1f}% of pixels" if m.size else "n/a"
+    t = np.asarray(tested, dtype=bool)
+    n = int(t.sum())
+    return f"{100.0 * m[t].mean():.1f}% of {n} tested pixels" if n else "n/a"
 
 
 def fig_cam_statistics(
@@ -252,7 +257,7 @@ def fig_cam_statistics(
                     )
             _orient(ax)
             ax.set_title(f"p < {alpha:g}, {label}", fontsize=8)
-            ax.set_xlabel(_pct(mask), fontsize=7)
+            ax.set_xlabel(_pct(mask, d.get("tested")), fontsize=7)
     fig.suptitle(
         "Fig. 3: ventilation - perfusion Grad-CAM difference (left) and pixel-wise t-test\n"
         "(significant pixels outlined and hatched in green over the mean test image)",

@@ -280,6 +280,7 @@ def cam_statistics(
         fig["fwer_mask"] = np.zeros(region.shape, bool)
         fig["fwer_mask"][region] = fwer_in
     fig["p_mask"] = p < alpha
+    fig["tested"] = region  # the captions give the share of these, as the table does
     info["significant_fraction"] = significant_fractions(p_in, alpha, pf_in)
     info["min_p"] = float(p_in.min())
     if pf_in is not None:
