@@ -209,8 +209,9 @@ def _add_cams(rep: _Report, by_model: RunsByModel) -> None:
         return
     _add_average_cams(rep, model_cams)
     _add_cam_statistics(rep, model_cams)
-    _add_neck(rep, by_model, model_cams)
-    _add_groundtruth(rep, model_cams)
+    grids = {m: neck.cam_grid(by_model[m]) for m in model_cams}
+    _add_neck(rep, grids, model_cams)
+    _add_groundtruth(rep, grids, model_cams)
 
 
 def _add_average_cams(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) -> None:
@@ -240,10 +241,9 @@ def _add_cam_statistics(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) 
 
 
 def _add_neck(
-    rep: _Report, by_model: RunsByModel, model_cams: Mapping[str, cams.ModelCams]
+    rep: _Report, grids: Mapping[str, Any], model_cams: Mapping[str, cams.ModelCams]
 ) -> None:
     """The paper's finding measured: ventilation CAMs inside the neck masks, against chance."""
-    grids = {m: neck.cam_grid(by_model[m]) for m in model_cams}
     table, details, warnings = neck.neck_table(model_cams, grids)
     rep.data["cam_grid"] = {m: list(g) if g else None for m, g in grids.items()}
     rep.notes.extend(warnings)
@@ -257,9 +257,11 @@ def _add_neck(
     rep.sections.append(render.neck_section(shown, warnings))
 
 
-def _add_groundtruth(rep: _Report, model_cams: Mapping[str, cams.ModelCams]) -> None:
+def _add_groundtruth(
+    rep: _Report, grids: Mapping[str, Any], model_cams: Mapping[str, cams.ModelCams]
+) -> None:
     """CAM energy and peaks inside the phantom's truth masks, against chance."""
-    gt, details = tables.groundtruth_table(model_cams)
+    gt, details = tables.groundtruth_table(model_cams, grids)
     if gt.empty:
         rep.sections.append(render.groundtruth_section(None))
         return

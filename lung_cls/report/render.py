@@ -196,7 +196,14 @@ def groundtruth_section(shown: pd.DataFrame | None) -> Section:
         return _message(
             "Grad-CAM vs truth masks", "No truth masks (mask_* arrays) in cams.npz: skipped."
         )
-    return "Grad-CAM vs truth masks (phantom)", html_table(shown)
+    return "Grad-CAM vs truth masks (phantom)", html_table(shown) + (
+        "<p class='note'>Every truth feature of the class (ventilation: trachea, hot spots, "
+        "oropharynx, oesophagus, stomach; perfusion: heart and lungs), on all images of that "
+        "class that show one. energy_share: share of each CAM's sum inside the masks as drawn; "
+        "chance_share: their area share. pointing_hit_rate: share of images whose CAM maximum "
+        "lies inside the masks grown by pointing_tolerance_px (half a CAM cell, as in the neck "
+        "table); pointing_chance: the grown masks' area share.</p>"
+    )
 
 
 SUBGROUP_TITLE = "Subgroups: ventilation studies with and without neck activity (phantom truth)"
@@ -221,8 +228,10 @@ def calibration_section(table: pd.DataFrame | None, figure: Path | None) -> Sect
     fig = img_tag(figure, "reliability diagram") if figure is not None else ""
     return CALIBRATION_TITLE, html_table(table) + fig + (
         "<p class='note'>ECE: mean |share of perfusion - mean P(perfusion)| over 15 equal-width "
-        "bins, weighted by the images in each bin (torchmetrics). Brier: mean squared error of "
-        "P(perfusion). 0 is perfect for both.</p>"
+        "bins, weighted by the rows in each bin (torchmetrics). Brier: mean squared error of "
+        "P(perfusion). 0 is perfect for both. Rows are test image x seed, so a pooled bin counts "
+        "an image once per seed; with a small test set most middle bins hold one or two rows "
+        "(the diagram labels each bin with its count), and their shares say little.</p>"
     )
 
 

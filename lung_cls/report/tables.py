@@ -449,20 +449,28 @@ def cam_statistics_table(stat_info: Mapping[str, Mapping[str, Any]]) -> pd.DataF
     )
 
 
-def groundtruth_table(model_cams: Mapping[str, ModelCams]) -> tuple[pd.DataFrame, dict[str, Any]]:
+def groundtruth_table(
+    model_cams: Mapping[str, ModelCams],
+    grids: Mapping[str, tuple[int, int] | None] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """CAMs against the phantom's truth masks (:data:`GT_FEATURE_MAP`): energy share inside the
     class's masks vs chance (their area), pointing-game hit rate vs its chance level.
 
-    Models without truth masks are left out; an empty frame means no model had any.
+    The pointing game grants the same tolerance as the neck table: half a CAM cell (``grids``:
+    model -> the CAM's native map size), because a map of stride s cannot place its peak finer
+    than its cell; its chance level is the grown masks' area share. Energy uses the masks as
+    drawn. Models without truth masks are left out; an empty frame means no model had any.
     """
-    from lung_cls.evaluation.groundtruth import score_cams
+    from lung_cls.evaluation.groundtruth import cell_tolerance_px, score_cams
 
     rows, details = [], {}
     for model, mc in model_cams.items():
         if not mc.masks:
             continue
-        scores = score_cams(mc.cams, mc.labels, mc.masks, GT_FEATURE_MAP)
-        details[model] = scores
+        grid = (grids or {}).get(model)
+        tol = cell_tolerance_px(int(mc.cams.shape[-1]), min(grid) if grid else None)
+        scores = score_cams(mc.cams, mc.labels, mc.masks, GT_FEATURE_MAP, tolerance_px=tol)
+        details[model] = {**scores, "pointing_tolerance_px": tol}
         for cls, s in scores.items():
             share, chance = s.get("energy_share"), s.get("chance_share")
             rows.append(
@@ -477,6 +485,7 @@ def groundtruth_table(model_cams: Mapping[str, ModelCams]) -> tuple[pd.DataFrame
                     "energy_ratio": share / chance
                     if finite(share) and finite(chance) and chance > 0
                     else math.nan,
+                    "pointing_tolerance_px": tol,
                     "pointing_hit_rate": s.get("pointing_hit_rate"),
                     "pointing_chance": s.get("pointing_chance"),
                 }
@@ -490,4 +499,6 @@ def groundtruth_display(gt: pd.DataFrame) -> pd.DataFrame:
     for col in ("energy_share", "chance_share", "pointing_hit_rate", "pointing_chance"):
         shown[col] = shown[col].map(lambda v: fmt(100 * v) + "%" if finite(v) else "-")
     shown["energy_ratio"] = shown["energy_ratio"].map(lambda v: fmt(v, 2))
+    if "pointing_tolerance_px" in shown:
+        shown["pointing_tolerance_px"] = shown["pointing_tolerance_px"].map(lambda v: fmt(v, 1))
     return shown

@@ -349,6 +349,25 @@ def test_groundtruth_table_by_hand() -> None:
     assert groundtruth_table({"bare": no_masks})[0].empty
 
 
+def test_groundtruth_pointing_grants_half_a_cam_cell_as_the_neck_table_does() -> None:
+    """A peak 2 px beside the trachea misses with no CAM grid known; with a 2 x 2 map at 8 px
+    (cells of 4 px, tolerance 2 px) it hits, and the chance level is the grown mask's share."""
+    cams = np.zeros((1, 8, 8))
+    cams[0, 0, 3] = 1.0
+    trachea = np.zeros((1, 8, 8), bool)
+    trachea[0, :2, :2] = True
+    mc = ModelCams(cams, np.array([0]), np.array(["v"]), None, {"trachea": trachea}, 1)
+    plain = groundtruth_table({"m": mc})[0].set_index("class").loc["ventilation"]
+    assert plain["pointing_tolerance_px"] == 0.0 and plain["pointing_hit_rate"] == 0.0
+    assert plain["pointing_chance"] == pytest.approx(4 / 64)
+    grown, details = groundtruth_table({"m": mc}, {"m": (2, 2)})
+    row = grown.set_index("class").loc["ventilation"]
+    assert row["pointing_tolerance_px"] == 2.0 and row["pointing_hit_rate"] == 1.0
+    assert row["pointing_chance"] > 4 / 64
+    assert row["energy_share"] == plain["energy_share"] == 0.0  # energy: the masks as drawn
+    assert details["m"]["pointing_tolerance_px"] == 2.0
+
+
 def test_cam_statistics_table_cells() -> None:
     info = {
         "m": {
