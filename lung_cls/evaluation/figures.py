@@ -106,6 +106,21 @@ def _grid(n_rows: int, n_cols: int, cell: float = 2.3):
     return fig, gs
 
 
+def _shared_cam_top(mean_cams: Mapping[str, Mapping[str, np.ndarray]]) -> float:
+    """One upper end of the CAM colour scale for every panel of Fig. 2: the largest mean-map value,
+    rounded up to 0.1. A mean of per-image min-max maps rarely reaches 1 (peaks sit in different
+    places), so a 0-1 scale left the neck and the heart in the darkest third of the colours; one
+    shared scale keeps the models and classes comparable."""
+    tops = [
+        float(np.nanmax(cam))
+        for per in mean_cams.values()
+        for cam in per.values()
+        if cam is not None and np.size(cam) and np.isfinite(cam).any()
+    ]
+    top = max(tops, default=1.0)
+    return float(min(1.0, max(0.1, math.ceil(top * 10 - 1e-9) / 10)))
+
+
 def fig_average_cams(
     mean_images: Mapping[str, np.ndarray],
     mean_cams: Mapping[str, Mapping[str, np.ndarray]],
@@ -114,7 +129,8 @@ def fig_average_cams(
 ) -> Path:
     """Paper Fig. 2: per-class average test image (top row), then per model its per-class mean CAM.
 
-    The CAMs are drawn opaque on ``viridis`` (0-1, one colour bar per row, with its unit), with
+    The CAMs are drawn opaque on ``viridis`` (from 0 to the largest mean value, rounded up to 0.1,
+    the same for every panel; one colour bar per row, with its unit), with
     the outline of that class's mean image on top, so each map is read against the anatomy; the
     image row has its own grey scale bar. Every panel carries the anterior-view markers.
 
@@ -129,6 +145,7 @@ def fig_average_cams(
     if not classes:
         raise ValueError("fig_average_cams: no classes to draw")
     rows: list[str | None] = [None, *mean_cams]
+    cam_top = _shared_cam_top(mean_cams)
     fig, gs = _grid(len(rows), len(classes))
     for r, model in enumerate(rows):
         mappable = None
@@ -148,7 +165,7 @@ def fig_average_cams(
                 ax.imshow(np.full(shape, np.nan))  # same box as its neighbours: columns line up
                 ax.text(0.5, 0.5, "no CAMs", ha="center", va="center", transform=ax.transAxes)
             else:
-                mappable = ax.imshow(cam, cmap=CAM_CMAP, vmin=0.0, vmax=1.0)
+                mappable = ax.imshow(cam, cmap=CAM_CMAP, vmin=0.0, vmax=cam_top)
                 if base is not None and np.shape(base) == np.shape(cam):
                     _contour(ax, base)
                 _orient(ax)
@@ -425,8 +442,11 @@ def fig_reliability(
     ece: Mapping[str, float] | None = None,
 ) -> Path:
     """Reliability diagram: per model, the share of perfusion studies against the mean predicted
-    P(perfusion) in each probability bin (marker area ~ images in the bin); the diagonal is
-    perfect calibration."""
+    P(perfusion) in each probability bin; the diagonal is perfect calibration.
+
+    Bins are drawn as points only, their area proportional to the rows in the bin, and each
+    labelled with that count: with a 40-image test set most middle bins hold one or two rows,
+    and a line through them would draw a zig-zag from 0 to 1 that looks like a finding."""
     if not points:
         raise ValueError("fig_reliability: no models to draw")
     fig, ax = plt.subplots(figsize=(5.0, 4.8), layout="constrained")
@@ -439,15 +459,25 @@ def fig_reliability(
         label = model
         if ece and finite_number(ece.get(model)):
             label += f" (ECE {ece[model]:.3f})"
-        ax.plot(x, y, "-", color=colours(i % 10), lw=1.2, label=label)
-        ax.scatter(x, y, s=12 + 60 * n / max(n.max(), 1), color=colours(i % 10), zorder=3)
+        ax.scatter(
+            x, y, s=12 + 110 * n / max(n.max(), 1), color=colours(i % 10), alpha=0.75,
+            edgecolors="white", linewidths=0.5, zorder=3, label=label,
+        )  # fmt: skip
+        for xi, yi, ni in zip(x, y, n, strict=True):
+            ax.annotate(
+                f"{int(ni)}", (xi, yi), xytext=(4, -9 if i % 2 else 4), textcoords="offset points",
+                fontsize=6, color=colours(i % 10),
+            )  # fmt: skip
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_aspect("equal")
     ax.set_xlabel("mean predicted P(perfusion) in the bin")
     ax.set_ylabel("share of perfusion studies in the bin")
-    ax.set_title("Reliability diagram (test, pooled over seeds)", fontsize=10)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(
+        "Reliability diagram (test, pooled over seeds)\npoint area and label: rows in the bin",
+        fontsize=9,
+    )
+    ax.legend(loc="center right", fontsize=7)  # the empty region: few bins sit mid-right
     return _save(fig, path)
 
 

@@ -123,3 +123,13 @@ def test_fig3_diverging_difference_and_significance_in_its_own_colour(captured, 
     cbar_labels = [ax.get_ylabel() for ax in fig.axes if "difference" in ax.get_ylabel()]
     assert len(cbar_labels) == 2 and all("units" in s for s in cbar_labels)
     _texts_do_not_overlap(fig)
+
+
+def test_fig2_cam_colour_scale_is_shared_and_ends_at_the_largest_mean_value() -> None:
+    maps = {"a": {"perfusion": np.full((4, 4), 0.2), "ventilation": np.full((4, 4), 0.43)},
+            "b": {"perfusion": np.full((4, 4), 0.31)}}  # fmt: skip
+    assert F._shared_cam_top(maps) == pytest.approx(0.5)
+    assert F._shared_cam_top({"a": {"perfusion": np.full((2, 2), 0.5)}}) == pytest.approx(0.5)
+    assert F._shared_cam_top({"a": {"perfusion": np.ones((2, 2))}}) == 1.0
+    assert F._shared_cam_top({"a": {"perfusion": np.full((2, 2), 0.01)}}) == pytest.approx(0.1)
+    assert F._shared_cam_top({}) == 1.0
