@@ -392,7 +392,6 @@ def compute_gradcam(
     return result, np.nan_to_num(raw, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-
 def cam_map_size(
     net: nn.Module, layer: nn.Module, input_size: int | tuple[int, int]
 ) -> tuple[int, int]:
