@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import lung_cls.utils.hydra  # noqa: F401 - registers the resolvers
 from tests.conftest import ROOT
 
-COMMANDS = ["train", "predict", "export", "preprocess", "phantom", "report"]
+COMMANDS = ["train", "predict", "export", "preprocess", "phantom", "report", "node"]
 
 
 def _help(command: str, overrides: tuple[str, ...] = ()) -> tuple[str, object]:
