@@ -93,7 +93,11 @@ PREDICTION_FIELDS: tuple[str, ...] = (
     "label",
     "prob_perfusion",
     "pred",
+    "subgroup",
 )
+"""``subgroup``: the image's category in the ``data.subgroup`` column (the manifest's column, or
+the phantom's neck truth ``yes``/``no``); empty when the run had none. The column's name is in
+``metrics.json`` ``data.subgroup.column``."""
 
 #: Sub-folders of a run dir (or of a sweep dir) that never hold run dirs.
 _NOT_RUN_DIRS = {".hydra", "checkpoints", "wandb", "csv", "tensorboard", "report", "__pycache__"}
@@ -222,6 +226,12 @@ def read_predictions(run_dir: str | os.PathLike, split: str | None = None) -> An
             raise ValueError(f"{path}: no rows with split == {split!r}")
         if df["id"].duplicated().any():
             raise ValueError(f"{path}: duplicate {split} ids")
+    if "subgroup" in df.columns:  # categories as written ("None", "NA" too); empty: no subgroup
+        try:
+            raw = pd.read_csv(path, usecols=["subgroup"], dtype=str, keep_default_na=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable ({err})") from None
+        df["subgroup"] = raw["subgroup"].loc[df.index].to_numpy()
     try:
         df["label"] = df["label"].astype(np.int64)
         df["prob_perfusion"] = df["prob_perfusion"].astype(np.float64)

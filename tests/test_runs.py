@@ -50,7 +50,7 @@ def test_file_and_key_names_are_the_documented_contract():
     }
     assert [str(k) for k in CamKey] == ["cams", "labels", "ids", "images", "probs", "preds"]
     assert PREDICTION_FIELDS == (
-        "id", "path", "patient_id", "split", "label", "prob_perfusion", "pred",
+        "id", "path", "patient_id", "split", "label", "prob_perfusion", "pred", "subgroup",
     )  # fmt: skip
     assert [str(s) for s in Status] == ["ok", "failed", "interrupted", "incomplete"]
     assert Status.OK == "ok" and f"{RunFile.METRICS}" == "metrics.json"  # usable as plain str
@@ -128,6 +128,15 @@ def test_predictions_round_trip_typed(tmp_path):
     write_predictions(tmp_path, [{**_rows("test", 1)[0], "id": "007", "patient_id": "0042"}])
     again = read_predictions(tmp_path, "test")
     assert again["id"].tolist() == ["007"] and again["patient_id"].tolist() == ["0042"]  # not 7
+
+
+def test_predictions_keep_subgroup_categories_as_written(tmp_path):
+    rows = _rows("val", 1) + _rows("test", 4, start=1)
+    for r, v in zip(rows, ["yes", "None", "NA", "", "no"], strict=True):
+        r["subgroup"] = v  # "None" and "NA" are categories here, not pandas' missing values
+    write_predictions(tmp_path, rows)
+    assert read_predictions(tmp_path, "test")["subgroup"].tolist() == ["None", "NA", "", "no"]
+    assert read_predictions(tmp_path)["subgroup"].tolist()[0] == "yes"
 
 
 def test_predictions_without_pred_column_get_it_from_the_probability(tmp_path):

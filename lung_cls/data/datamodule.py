@@ -27,8 +27,10 @@ from lung_cls.data.split import (
     near_duplicates,
     scale_counts,
     split_summary,
+    stratified_split,
     upsample_indices,
 )
+from lung_cls.data.subgroups import counts_by_split, stratify_column
 from lung_cls.errors import DataSetupError  # re-exported: datamodule.DataSetupError
 from lung_cls.labels import CLASS_NAMES
 
@@ -163,6 +165,11 @@ class LungScanDataModule(L.LightningDataModule):
         self.prepared: PreparedData | None = None
         self.splits: np.ndarray | None = None
         self.summary: dict[str, Any] = {}
+        # data.subgroup: the column and one category per image (None: no subgroup); with
+        # data.split.stratify the split is stratified by it
+        self.subgroup_column: str | None = None
+        self.subgroups: np.ndarray | None = None
+        self._strata: np.ndarray | None = None
         self._device_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ preparation
@@ -183,6 +190,7 @@ class LungScanDataModule(L.LightningDataModule):
                     f"no {CLASS_NAMES[c]} images in the data set: both classes are needed"
                 )
         wanted = {1: tuple(self.cfg.split.perfusion), 0: tuple(self.cfg.split.ventilation)}
+        self._set_subgroups(data)
         folds = self.cfg.split.get("folds")
         if folds is None:
             splits, counts = self._split(labels, np.asarray(data.patient_ids), wanted, available)
@@ -225,6 +233,39 @@ class LungScanDataModule(L.LightningDataModule):
         }
         if folds is not None:
             self.summary["cv"] = {"folds": int(folds), "fold": int(self.cfg.split.fold)}
+        if self.subgroups is not None:
+            self.summary["subgroup"] = {
+                "column": self.subgroup_column,
+                "stratify": self._strata is not None,
+                "by_split": counts_by_split(labels, splits, self.subgroups),
+            }
+
+    def _set_subgroups(self, data: PreparedData) -> None:
+        """The subgroup values (``data.subgroup``) and, with ``data.split.stratify``, the strata."""
+        self.subgroup_column, self.subgroups = data.subgroup_column, data.subgroups
+        column = stratify_column(self.cfg)
+        if column is None:
+            return
+        if self.subgroups is None:
+            raise DataSetupError(
+                f"data.split.stratify={column}: the data carry no subgroup column to stratify by"
+            )
+        self._strata = np.asarray(self.subgroups, dtype=str)
+
+    def _group_split(
+        self,
+        labels: np.ndarray,
+        patient_ids: np.ndarray,
+        counts: Mapping[int, tuple[int, ...]],
+        seed: int,
+        where: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """:func:`grouped_split`, or :func:`stratified_split` by the subgroup column under
+        ``data.split.stratify``; ``where`` (indices) restricts the strata to the images given."""
+        if self._strata is None:
+            return grouped_split(labels, patient_ids, counts, seed)
+        strata = self._strata if where is None else self._strata[where]
+        return stratified_split(labels, patient_ids, strata, counts, seed, self.subgroup_column)
 
     def _split(
         self,
@@ -245,7 +286,7 @@ class LungScanDataModule(L.LightningDataModule):
         counts = wanted
         try:
             counts = scale_counts(wanted, available)
-            return grouped_split(labels, patient_ids, counts, seed), counts
+            return self._group_split(labels, patient_ids, counts, seed), counts
         except ValueError as err:
             error = err
         scaled = counts != {k: tuple(int(n) for n in v) for k, v in wanted.items()}
@@ -256,7 +297,7 @@ class LungScanDataModule(L.LightningDataModule):
                 k: (t + v - m_val + s - m_test, m_val, m_test) for k, (t, v, s) in counts.items()
             }
             try:
-                splits = grouped_split(labels, patient_ids, even, seed)
+                splits = self._group_split(labels, patient_ids, even, seed)
                 log.warning(
                     "Scaled split counts %s cannot be filled from whole patients (V/Q pairs); "
                     "using %s: the same number of each class in validation and test",
@@ -373,7 +414,7 @@ class LungScanDataModule(L.LightningDataModule):
             )
         seed = int(self.cfg.split_seed)
         try:
-            fold_of = cv_folds(labels, patient_ids, folds, seed)
+            fold_of = cv_folds(labels, patient_ids, folds, seed, strata=self._strata)
         except ValueError as err:
             raise DataSetupError(f"cannot make data.split.folds={folds}: {err}") from None
         test = fold_of == fold
@@ -387,13 +428,17 @@ class LungScanDataModule(L.LightningDataModule):
             counts[c] = (n_rest - val, val, int((labels[test] == c).sum()))
         inner = {c: (t, v, 0) for c, (t, v, _) in counts.items()}
         try:
-            rest_split = grouped_split(labels[rest], patient_ids[rest], inner, seed + 1 + fold)
+            rest_split = self._group_split(
+                labels[rest], patient_ids[rest], inner, seed + 1 + fold, where=rest
+            )
         except ValueError:
             m = min(v for _, v, _ in counts.values())
             counts = {c: (t + v - m, m, s) for c, (t, v, s) in counts.items()}
             inner = {c: (t, v, 0) for c, (t, v, _) in counts.items()}
             try:
-                rest_split = grouped_split(labels[rest], patient_ids[rest], inner, seed + 1 + fold)
+                rest_split = self._group_split(
+                    labels[rest], patient_ids[rest], inner, seed + 1 + fold, where=rest
+                )
             except ValueError as err:
                 raise DataSetupError(
                     f"fold {fold} of {folds}: no validation set of whole patients: {err}"

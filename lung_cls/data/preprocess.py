@@ -642,12 +642,15 @@ class PreparedData:
     # NMI-fallback images before their shift: index -> float32 (S, S), to re-align them to a
     # training-only reference (the cohort mean they were first aligned to includes test images)
     nmi_moving: dict[int, np.ndarray] = field(default_factory=dict)
+    # data.subgroup: the column's name and one category per image (str), or None for no subgroup
+    subgroup_column: str | None = None
+    subgroups: np.ndarray | None = None
 
 
 def _code_hash() -> str:
     here = Path(__file__)
     h = hashlib.sha1()
-    for name in ("preprocess.py", "sources.py", "masks.py"):
+    for name in ("preprocess.py", "sources.py", "masks.py", "subgroups.py"):
         f = here.with_name(name)
         if f.exists():
             h.update(f.read_bytes())
@@ -680,6 +683,9 @@ def save_prepared(data: PreparedData, path: str | os.PathLike) -> None:
         "skipped": np.array(list(data.skipped), dtype=str),
         "nmi_index": np.array(sorted(data.nmi_moving), dtype=np.int64),
     }
+    if data.subgroups is not None:
+        arrays["subgroups"] = np.asarray(data.subgroups, dtype=str)
+        arrays["subgroup_column"] = np.array(str(data.subgroup_column))
     if data.nmi_moving:
         arrays["nmi_moving"] = np.stack([data.nmi_moving[i] for i in sorted(data.nmi_moving)])
     if data.masks:
@@ -713,6 +719,8 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
             nmi_moving=dict(zip(z["nmi_index"].tolist(), z["nmi_moving"], strict=True))
             if "nmi_moving" in z.files
             else {},
+            subgroup_column=str(z["subgroup_column"]) if "subgroups" in z.files else None,
+            subgroups=z["subgroups"] if "subgroups" in z.files else None,
         )
 
 
@@ -774,6 +782,7 @@ def build_prepared(
     masks = None
     if studies and all(s.truth is not None and s.truth.get("masks") for s in studies):
         masks = _move_masks(studies, infos, int(c["size"]))
+    column, subgroups = _subgroups(data_cfg, studies, masks)
     return PreparedData(
         images=images,
         labels=np.array([-1 if s.label is None else int(s.label) for s in studies], np.int64),
@@ -784,7 +793,24 @@ def build_prepared(
         masks=masks,
         skipped=[str(e) for e in errors],
         nmi_moving=moving,
+        subgroup_column=column,
+        subgroups=subgroups,
     )
+
+
+def _subgroups(
+    data_cfg: Mapping[str, Any], studies: Sequence[Any], masks: Mapping[str, np.ndarray] | None
+) -> tuple[str | None, np.ndarray | None]:
+    """``data.subgroup`` per image: the manifest column's values, or the phantom's neck truth
+    (trachea mask non-empty after pre-processing, i.e. in the masks ``cams.npz`` stores)."""
+    from lung_cls.data import subgroups as sg
+
+    column = sg.subgroup_column(data_cfg)
+    if column is None or not studies:
+        return None, None
+    if all(s.truth is not None for s in studies):  # the phantom
+        return sg.PHANTOM_COLUMN, sg.from_masks(masks)
+    return column, np.array([str(s.meta.get("subgroup", "")) for s in studies], dtype=str)
 
 
 def prepare_dataset(

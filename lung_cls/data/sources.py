@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 # Defined once elsewhere, re-exported here where readers have always found them.
+from lung_cls.data.subgroups import check_source as check_subgroup_source
+from lung_cls.data.subgroups import is_missing, normalise, subgroup_column
 from lung_cls.errors import DataError
 from lung_cls.labels import CLASS_NAMES
 from lung_cls.utils.io import to_plain
@@ -654,6 +656,7 @@ class _Entry:
     label: int | None
     patient_id: str | None = None
     rel: str | None = None
+    subgroup: str | None = None  # the data.subgroup column's cell, as written
 
 
 class _Collector:
@@ -740,6 +743,7 @@ def _manifest_entries(data_cfg: Mapping[str, Any], col: _Collector) -> list[_Ent
         raise DataError(manifest, "manifest file does not exist")
     aliases = label_aliases(_class_dir_map(data_cfg))
     accepted = ", ".join(sorted(aliases))
+    sub_col = subgroup_column(data_cfg)
     base = manifest.parent
     entries: list[_Entry] = []
     try:
@@ -756,6 +760,15 @@ def _manifest_entries(data_cfg: Mapping[str, Any], col: _Collector) -> list[_Ent
             i_path = cols.index("path")
             i_label = cols.index("label") if "label" in cols else None
             i_pid = cols.index("patient_id") if "patient_id" in cols else None
+            i_sub = None
+            if sub_col is not None:
+                if sub_col.lower() not in cols:
+                    raise DataError(
+                        manifest,
+                        f"manifest has no column '{sub_col}' (data.subgroup; columns: "
+                        f"{', '.join(cols)})",
+                    )
+                i_sub = cols.index(sub_col.lower())
             for row in reader:
                 line = reader.line_num
                 if not row or all(not c.strip() for c in row):
@@ -783,6 +796,20 @@ def _manifest_entries(data_cfg: Mapping[str, Any], col: _Collector) -> list[_Ent
                         )
                         continue
                     label = aliases[text]
+                sub: str | None = None
+                if i_sub is not None:
+                    sub = row[i_sub].strip()
+                    if is_missing(sub):
+                        shown = f"'{sub}'" if sub else "empty"
+                        col.add(
+                            DataError(
+                                where,
+                                f"row {line}, column '{sub_col}' (data.subgroup) is {shown} for "
+                                f"{raw_path}: every image needs a value (0/1, yes/no, true/false "
+                                "or any category name, e.g. 'unknown')",
+                            )
+                        )
+                        continue
                 if not p.exists():
                     col.add(DataError(p, f"listed in {manifest} (line {line}) but not found"))
                     continue
@@ -791,9 +818,12 @@ def _manifest_entries(data_cfg: Mapping[str, Any], col: _Collector) -> list[_Ent
                     rel = p.resolve().relative_to(base.resolve()).as_posix()
                 except ValueError:
                     rel = p.name
-                entries.append(_Entry(p, label, pid or None, rel))
+                entries.append(_Entry(p, label, pid or None, rel, sub))
     except UnicodeDecodeError as err:
         raise DataError(manifest, f"manifest is not UTF-8 text ({err})") from None
+    if sub_col is not None:  # yes/no-like columns read as yes/no, others as written
+        for e, v in zip(entries, normalise([e.subgroup or "" for e in entries]), strict=True):
+            e.subgroup = v
     if not entries and not col.errors:
         raise DataError(manifest, "manifest lists no images")
     return entries
@@ -853,6 +883,8 @@ def _read_entries(
         meta["pixel_hash"] = pixel_hash(pixels)
         if entry.rel is not None:
             meta["relpath"] = entry.rel
+        if entry.subgroup is not None:
+            meta["subgroup"] = entry.subgroup
         patient = entry.patient_id or meta.get("patient_id") or str(entry.path)
         studies.append(
             Study(
@@ -928,6 +960,7 @@ def load_studies(data_cfg: Mapping[str, Any]) -> tuple[list[Study], list[DataErr
     them. An empty folder or a class without any readable image always raises.
     """
     source = str(_cfg_get(data_cfg, "source", "phantom"))
+    check_subgroup_source(data_cfg, source)
     col = _Collector(str(_cfg_get(data_cfg, "on_error", "raise")))
     if source == "phantom":
         studies = _phantom_studies(data_cfg)
@@ -968,6 +1001,7 @@ def source_fingerprint(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("source", "class_dirs", "extensions", "frame_index", "on_error", "duplicates",
             "allow_empty_class")  # fmt: skip
     fp: dict[str, Any] = {k: to_plain(_cfg_get(data_cfg, k)) for k in keys}
+    fp["subgroup"] = subgroup_column(data_cfg)  # the column read (phantom: the neck truth)
     if source == "phantom":
         fp["sim"] = to_plain(_cfg_get(data_cfg, "sim", {}))
         fp["counts"] = [_cfg_get(data_cfg, "n_perfusion"), _cfg_get(data_cfg, "n_ventilation")]

@@ -410,12 +410,16 @@ def _sequential_preferences(
     return prefs
 
 
-def _fmt_counts(vec: np.ndarray, classes: Sequence[int]) -> str:
-    return " + ".join(f"{int(n)} {class_name(c)}" for c, n in zip(classes, vec, strict=True))
+# The message helpers below take ``names``: the display name of each class (column) of the
+# composition vectors - "perfusion", or "ventilation with neck=yes" for a stratified split.
 
 
-def _fmt_compositions(vectors: np.ndarray, caps: np.ndarray, classes: Sequence[int]) -> str:
-    head = "(" + ", ".join(class_name(c) for c in classes) + ")"
+def _fmt_counts(vec: np.ndarray, names: Sequence[str]) -> str:
+    return " + ".join(f"{int(n)} {c}" for c, n in zip(names, vec, strict=True))
+
+
+def _fmt_compositions(vectors: np.ndarray, caps: np.ndarray, names: Sequence[str]) -> str:
+    head = "(" + ", ".join(names) + ")"
     body = ", ".join(
         f"{tuple(int(a) for a in v)} x {int(n)}" for v, n in zip(vectors, caps, strict=True)
     )
@@ -431,10 +435,10 @@ def _feasible(vectors: np.ndarray, caps: np.ndarray, target: np.ndarray) -> bool
 
 
 def _class_hint(
-    vectors: np.ndarray, caps: np.ndarray, target: np.ndarray, classes: Sequence[int]
+    vectors: np.ndarray, caps: np.ndarray, target: np.ndarray, names: Sequence[str]
 ) -> str:
     """Name the class whose own count cannot be met from whole patients, if there is one."""
-    for k, c in enumerate(classes):
+    for k, c in enumerate(names):
         if target[k] == 0:
             continue
         vk = vectors[:, k]
@@ -442,8 +446,8 @@ def _class_hint(
         if _feasible(vk[keep, None], caps[keep], target[k : k + 1]) is False:
             sizes = sorted({int(s) for s in vk[keep]})
             return (
-                f"; class '{class_name(c)}' cannot reach exactly {int(target[k])} from whole "
-                f"patients (they hold {sizes} {class_name(c)} images each, "
+                f"; class '{c}' cannot reach exactly {int(target[k])} from whole "
+                f"patients (they hold {sizes} {c} images each, "
                 f"{int((vk * caps).sum())} in all)"
             )
     return (
@@ -457,11 +461,11 @@ def _explain_failure(
     caps: np.ndarray,
     targets: list[np.ndarray],
     names: list[str],
-    classes: Sequence[int],
+    class_names: Sequence[str],
     perm_types: np.ndarray,
 ) -> str:
     """Say which split (and, where it can be pinned down, which class) cannot be filled."""
-    comp = _fmt_compositions(vectors, caps, classes)
+    comp = _fmt_compositions(vectors, caps, class_names)
     advice = (
         f". {comp}. Too many multi-image patients for these counts; lower the counts "
         "(scale_counts() uses every image of a class that is short), or check the patient ids."
@@ -469,16 +473,16 @@ def _explain_failure(
     total = np.sum(targets, axis=0)
     if _feasible(vectors, caps, total) is False:
         return (
-            f"grouped_split cannot select exactly {_fmt_counts(total, classes)} images "
+            f"grouped_split cannot select exactly {_fmt_counts(total, class_names)} images "
             "(train + val + test together) from whole patients: no set of patients adds up "
-            "to it" + _class_hint(vectors, caps, total, classes) + advice
+            "to it" + _class_hint(vectors, caps, total, class_names) + advice
         )
     for name, target in zip(names, targets, strict=True):
         if _feasible(vectors, caps, target) is False:
             return (
                 f"grouped_split cannot give split '{name}' exactly "
-                f"{_fmt_counts(target, classes)} images from whole patients: no set of "
-                "patients adds up to it" + _class_hint(vectors, caps, target, classes) + advice
+                f"{_fmt_counts(target, class_names)} images from whole patients: no set of "
+                "patients adds up to it" + _class_hint(vectors, caps, target, class_names) + advice
             )
     for i in range(1, len(targets)):
         prefix = targets[: i + 1]
@@ -491,7 +495,7 @@ def _explain_failure(
             before = ", ".join(f"'{n}'" for n in names[:i])
             return (
                 f"grouped_split cannot give split '{names[i]}' exactly "
-                f"{_fmt_counts(targets[i], classes)} images once {before} "
+                f"{_fmt_counts(targets[i], class_names)} images once {before} "
                 f"{'is' if i == 1 else 'are'} filled, although each split can be filled on "
                 "its own; the classes are coupled: patients that hold images of one class "
                 "also hold images of another (V/Q pairs, repeat studies)" + advice
@@ -516,6 +520,7 @@ def grouped_split(
     groups: Sequence | np.ndarray,
     counts: Mapping[int, Sequence[int]],
     seed: int,
+    names: Mapping[int, str] | None = None,
 ) -> np.ndarray:
     """Assign each image to train/val/test/unused with exact per-class counts, by patient.
 
@@ -550,6 +555,8 @@ def grouped_split(
         counts: label -> (train, val, test), e.g. from :func:`scale_counts`. Every label present
             in ``labels`` must have an entry.
         seed: split seed.
+        names: display names of the labels in error messages (default: the class names);
+            :func:`stratified_split` passes "ventilation with neck=yes" and the like.
 
     Returns:
         str array (N,) of "train" / "val" / "test" / "unused".
@@ -565,7 +572,8 @@ def grouped_split(
     n = len(labels_arr)
     groups_arr = _as_groups(groups, n)
     classes = sorted(int(c) for c in counts)
-    targets_by_split = _targets(labels_arr, counts, classes)
+    targets_by_split = _targets(labels_arr, counts, classes, names)
+    class_names = [(names or {}).get(c, class_name(c)) for c in classes]
     splits = np.full(n, UNUSED, dtype="<U6")
     if n == 0:
         return splits
@@ -576,7 +584,7 @@ def grouped_split(
     perm_types = type_of_group[perm]
     fill_targets = [targets_by_split[i] for i in _FILL_ORDER]
     fill_names = [SPLITS[i] for i in _FILL_ORDER]
-    solution = _solve_counts(vectors, caps, fill_targets, fill_names, classes, perm_types)
+    solution = _solve_counts(vectors, caps, fill_targets, fill_names, class_names, perm_types)
 
     # patients in seeded order within each composition: val, then test, then train, then unused
     group_split = np.full(len(type_of_group), UNUSED, dtype="<U6")
@@ -591,27 +599,31 @@ def grouped_split(
 
 
 def _targets(
-    labels_arr: np.ndarray, counts: Mapping[int, Sequence[int]], classes: list[int]
+    labels_arr: np.ndarray,
+    counts: Mapping[int, Sequence[int]],
+    classes: list[int],
+    names: Mapping[int, str] | None = None,
 ) -> np.ndarray:
     """The requested counts as a (split, class) table, checked against the images there are."""
     present = sorted(int(c) for c in np.unique(labels_arr)) if len(labels_arr) else []
     missing = [c for c in present if c not in counts]
+    name = (lambda c: names.get(c, class_name(c))) if names else class_name
     if missing:
         raise ValueError(
             "grouped_split has no counts for "
-            + ", ".join(f"class '{class_name(c)}' (label {c})" for c in missing)
+            + ", ".join(f"class '{name(c)}' (label {c})" for c in missing)
         )
     targets_by_split = np.zeros((3, len(classes)), dtype=np.int64)
     for k, c in enumerate(classes):
         req = tuple(int(v) for v in counts[c])
         if len(req) != 3 or min(req) < 0:
             raise ValueError(
-                f"counts for class '{class_name(c)}' must be 3 numbers >= 0 (train, val, test), got {req}"
+                f"counts for class '{name(c)}' must be 3 numbers >= 0 (train, val, test), got {req}"
             )
         have = int((labels_arr == c).sum())
         if sum(req) > have:
             raise ValueError(
-                f"counts ask for {sum(req)} {class_name(c)} images {req}, but there are only "
+                f"counts ask for {sum(req)} {name(c)} images {req}, but there are only "
                 f"{have}; scale them with scale_counts() first"
             )
         targets_by_split[:, k] = req
@@ -644,7 +656,7 @@ def _solve_counts(
     caps: np.ndarray,
     fill_targets: list[np.ndarray],
     fill_names: list[str],
-    classes: list[int],
+    class_names: list[str],
     perm_types: np.ndarray,
 ) -> list[np.ndarray]:
     """Patients per composition for each split (in fill order): the search, else the MILP."""
@@ -656,7 +668,7 @@ def _solve_counts(
             solution = _solve(search, fill_targets, caps, perm_types)
         else:
             raise ValueError(
-                _explain_failure(vectors, caps, fill_targets, fill_names, classes, perm_types)
+                _explain_failure(vectors, caps, fill_targets, fill_names, class_names, perm_types)
             )
     except _BudgetExceeded:
         pass
@@ -672,9 +684,176 @@ def _solve_counts(
         solution = None
     if solution is None:
         raise ValueError(
-            _explain_failure(vectors, caps, fill_targets, fill_names, classes, perm_types)
+            _explain_failure(vectors, caps, fill_targets, fill_names, class_names, perm_types)
         )
     return solution
+
+
+# --------------------------------------------------------------------------------------------
+# Stratified split (data.split.stratify)
+# --------------------------------------------------------------------------------------------
+
+
+def stratum_name(label: int, value: str, column: str) -> str:
+    """How messages name one stratum: ``ventilation with neck=yes``."""
+    return f"{class_name(label)} with {column}={value}"
+
+
+def _controlled_round(
+    num: np.ndarray, den: int, row_tot: np.ndarray, col_tot: np.ndarray, row_order: Sequence[int]
+) -> np.ndarray:
+    """Round the table ``num / den`` to integers with the given row and column sums, every cell
+    to the floor or the ceiling of its quota.
+
+    The quotas' own row and column sums must be ``row_tot`` and ``col_tot``; then such a
+    rounding always exists (the fractional parts are a fractional flow; an integral one of the
+    same value exists). Rows in ``row_order`` take their extra units first, each by largest
+    remainder (ties: the earlier column), so the first rows get exactly what largest-remainder
+    rounding of that row alone would give wherever the columns allow; augmenting paths settle
+    the rest.
+    """
+    base = num // den
+    rem = num % den
+    short_r = row_tot - base.sum(axis=1)
+    short_c = col_tot - base.sum(axis=0)
+    extra = np.zeros(base.shape, dtype=bool)
+    for s in row_order:
+        for g in np.argsort(-rem[s], kind="stable"):
+            if short_r[s] == 0:
+                break
+            if rem[s, g] > 0 and short_c[g] > 0:
+                extra[s, g] = True
+                short_r[s] -= 1
+                short_c[g] -= 1
+    n_cols = base.shape[1]
+    while (short_r > 0).any():
+        s0 = int(np.flatnonzero(short_r > 0)[0])
+        via_row: dict[int, int] = {}  # column -> the row it was reached from (edge to add)
+        via_col: dict[int, int] = {s0: -1}  # row -> the column it was reached from (edge to drop)
+        queue, end = [s0], None
+        while queue and end is None:
+            s = queue.pop(0)
+            for g in range(n_cols):
+                if g in via_row or rem[s, g] == 0 or extra[s, g]:
+                    continue
+                via_row[g] = s
+                if short_c[g] > 0:
+                    end = g
+                    break
+                for s2 in np.flatnonzero(extra[:, g]):
+                    if int(s2) not in via_col:
+                        via_col[int(s2)] = g
+                        queue.append(int(s2))
+        if end is None:  # cannot happen when the margins match the quotas
+            raise RuntimeError("controlled rounding found no augmenting path")
+        g = end
+        while True:
+            s = via_row[g]
+            extra[s, g] = True
+            if s == s0:
+                break
+            g_prev = via_col[s]
+            extra[s, g_prev] = False
+            g = g_prev
+        short_r[s0] -= 1
+        short_c[end] -= 1
+    return base + extra
+
+
+def stratified_counts(
+    labels: Sequence[int] | np.ndarray,
+    strata: Sequence[str] | np.ndarray,
+    counts: Mapping[int, Sequence[int]],
+) -> dict[tuple[int, str], tuple[int, int, int]]:
+    """Spread each class's (train, val, test) counts over its strata in proportion to their
+    share of that class.
+
+    For class c with ``a_g`` images in stratum g (``A`` in all) and counts ``n_s`` (``N`` in
+    all): the images used per stratum, ``T_g``, are ``N * a_g / A`` by largest remainder (all
+    of them when ``N == A``), and the (split, stratum) table is the controlled rounding of
+    ``n_s * T_g / N``: every cell the floor or the ceiling of its quota, val and test rounded
+    first by largest remainder, and both margins exact - the class totals per split stay what
+    was asked and no stratum gives more images than it has.
+
+    Returns ``(label, stratum) -> (train, val, test)`` for every stratum that the class's images
+    hold (zeros included).
+    """
+    labels_arr = np.asarray(labels).astype(np.int64)
+    strata_arr = np.asarray(strata).astype(str)
+    if strata_arr.shape != labels_arr.shape:
+        raise ValueError(
+            f"stratified_counts: {strata_arr.shape[0]} strata for {labels_arr.shape[0]} labels"
+        )
+    out: dict[tuple[int, str], tuple[int, int, int]] = {}
+    order = list(_FILL_ORDER)  # val, test, train
+    for c in sorted(int(k) for k in counts):
+        req = np.asarray([int(v) for v in counts[c]], dtype=np.int64)
+        values = sorted(set(strata_arr[labels_arr == c].tolist()))
+        if not values:
+            continue
+        have = np.asarray([int(((labels_arr == c) & (strata_arr == v)).sum()) for v in values])
+        n_all, a_all = int(req.sum()), int(have.sum())
+        if len(req) != 3 or req.min() < 0 or n_all > a_all:
+            raise ValueError(
+                f"counts for class '{class_name(c)}' must be 3 numbers >= 0 adding up to at most "
+                f"its {a_all} images, got {tuple(int(v) for v in req)}"
+            )
+        if n_all == a_all:
+            used = have.copy()
+        else:  # largest remainder of N * a_g / A, in integers (ties: the earlier stratum)
+            used = (n_all * have) // a_all
+            rest = (n_all * have) % a_all
+            used[np.argsort(-rest, kind="stable")[: n_all - int(used.sum())]] += 1
+        if n_all == 0:
+            table = np.zeros((3, len(values)), dtype=np.int64)
+        else:
+            table = _controlled_round(np.outer(req, used), n_all, req, used, order)
+        for g, v in enumerate(values):
+            out[(c, v)] = (int(table[0, g]), int(table[1, g]), int(table[2, g]))
+    return out
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence | np.ndarray,
+    strata: Sequence[str] | np.ndarray,
+    counts: Mapping[int, Sequence[int]],
+    seed: int,
+    column: str = "subgroup",
+) -> np.ndarray:
+    """:func:`grouped_split` with each class's counts spread over the ``strata`` (the values of
+    ``column``, one per image) by :func:`stratified_counts`: exact class totals per split, each
+    stratum its proportional share, patients still in one split only.
+
+    Each (class, stratum) pair becomes a class of its own for the exact-count solver, so an
+    impossible request fails like an unstratified one, naming the split and the stratum
+    (``ventilation with neck=yes``) after ``stratified by 'neck'``.
+    """
+    labels_arr = np.asarray(labels).astype(np.int64)
+    strata_arr = np.asarray(strata).astype(str)
+    if strata_arr.shape != labels_arr.shape:
+        raise ValueError(f"stratified by '{column}': {strata_arr.shape[0]} values for "
+                         f"{labels_arr.shape[0]} images")  # fmt: skip
+    try:
+        per_stratum = stratified_counts(labels_arr, strata_arr, counts)
+    except ValueError as err:
+        raise ValueError(f"stratified by '{column}': {err}") from None
+    keys = sorted(per_stratum)
+    code = {k: i for i, k in enumerate(keys)}
+    composite = np.asarray(
+        [code.get((int(c), v), -1) for c, v in zip(labels_arr, strata_arr, strict=True)],
+        dtype=np.int64,
+    )
+    if (composite < 0).any():
+        bad = sorted({class_name(int(c)) for c in labels_arr[composite < 0]})
+        raise ValueError(f"stratified by '{column}': no counts for class(es) {bad}")
+    names = {code[k]: stratum_name(k[0], k[1], column) for k in keys}
+    try:
+        return grouped_split(
+            composite, groups, {code[k]: per_stratum[k] for k in keys}, seed, names=names
+        )
+    except ValueError as err:
+        raise ValueError(f"stratified by '{column}': {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,7 +1058,11 @@ def near_duplicates(
 
 
 def cv_folds(
-    labels: Sequence[int] | np.ndarray, groups: Sequence | np.ndarray, k: int, seed: int
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence | np.ndarray,
+    k: int,
+    seed: int,
+    strata: Sequence[str] | np.ndarray | None = None,
 ) -> np.ndarray:
     """K patient-grouped, class-stratified test folds: the fold (0..k-1) of every image.
 
@@ -887,10 +1070,13 @@ def cv_folds(
     test folds together test every image once. Patients are dealt in seeded random order (those
     with the most images first), each to the fold that holds the fewest images of the patient's
     classes so far (ties: fewest images, then the lowest fold), which keeps each class's count
-    per fold within about one patient of the others.
+    per fold within about one patient of the others. With ``strata`` (one value per image,
+    ``data.split.stratify``) the same dealing balances each (class, stratum) pair instead, so
+    every stratum's share of a class is about the same in every fold.
 
     Raises ``ValueError`` when ``k < 2`` or a class has fewer patients than folds (a fold would
-    test no image of it).
+    test no image of it); a stratum with fewer patients than folds is allowed (some folds then
+    hold none of it).
     """
     labels_arr = np.asarray(labels)
     groups_arr = _as_groups(groups, len(labels_arr)).astype(str)
@@ -909,10 +1095,18 @@ def cv_folds(
                 f"{k} folds but only {n_pat} patient(s) with {class_name(c)} images: every fold "
                 "needs at least one (use fewer folds)"
             )
+    if strata is not None:
+        strata_arr = np.asarray(strata).astype(str)
+        if strata_arr.shape != labels_arr.shape:
+            raise ValueError(f"cv_folds: {strata_arr.size} strata for {labels_arr.size} labels")
+        pairs = sorted({(int(c), v) for c, v in zip(labels_arr, strata_arr, strict=True)})
+        vec = np.zeros((patients.size, len(pairs)), dtype=np.int64)
+        for pi, (c, v) in enumerate(pairs):
+            np.add.at(vec[:, pi], inv[(labels_arr == c) & (strata_arr == v)], 1)
     rng = np.random.default_rng(seed)
     order = rng.permutation(patients.size)
     order = order[np.argsort(-vec[order].sum(axis=1), kind="stable")]
-    counts = np.zeros((k, len(classes)), dtype=np.int64)
+    counts = np.zeros((k, vec.shape[1]), dtype=np.int64)
     fold_of = np.empty(patients.size, dtype=np.int64)
     for p in order:
         has = vec[p] > 0

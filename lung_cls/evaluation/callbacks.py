@@ -134,6 +134,7 @@ class RunArtifacts(L.Callback):
             val_prob = predict_probs(net, dm.images01(val_idx).to(device)).float().cpu().numpy()
 
         rows = []
+        subgroups = getattr(dm, "subgroups", None)  # data.subgroup, one category per image
         for split, idx, prob in (("val", val_idx, val_prob), ("test", test_idx, test_prob)):
             for i, p in zip(idx, prob, strict=True):
                 rows.append(
@@ -145,6 +146,7 @@ class RunArtifacts(L.Callback):
                         "label": int(data.labels[i]),
                         "prob_perfusion": f"{float(p):.6f}",
                         "pred": int(p >= 0.5),
+                        "subgroup": "" if subgroups is None else str(subgroups[i]),
                     }
                 )
         write_predictions(self.run_dir, rows)

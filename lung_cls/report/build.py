@@ -273,12 +273,14 @@ def _add_groundtruth(
 
 
 def _add_checks(rep: _Report, by_model: RunsByModel) -> None:
-    """Subgroups by neck activity, calibration with its reliability diagram, CAM randomisation."""
+    """Subgroups (data.subgroup, or the phantom's neck truth), calibration with its reliability diagram, CAM randomisation."""
     sub, sub_info = checks.subgroup_table(by_model)
     rep.data["subgroups"] = sub_info
+    title = render.SUBGROUP_TITLE
     if not sub.empty:
-        render.write_table(rep.out, "subgroups", render.SUBGROUP_TITLE, sub, sub)
-    rep.sections.append(render.subgroup_section(sub if not sub.empty else None))
+        title = render.subgroup_title(str(sub["column"].iloc[0]), str(sub["source"].iloc[0]))
+        render.write_table(rep.out, "subgroups", title, sub, sub)
+    rep.sections.append(render.subgroup_section(sub if not sub.empty else None, title))
     cal, cal_info = checks.calibration_table(by_model)
     rep.data["calibration"] = cal_info
     figure = None

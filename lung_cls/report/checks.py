@@ -3,12 +3,14 @@
 * **Calibration** (per model, test rows of ``predictions.csv`` pooled over seeds): expected
   calibration error (15 equal-width bins, torchmetrics) and Brier score, and the reliability
   diagram's points. A QA tool's "P(perfusion) = 0.9" means what it says only when these are small.
-* **Subgroups** (phantom truth: a ventilation study shows neck activity when its trachea mask is
-  not empty): the share of ventilation studies recognised (the specificity, perfusion being
-  positive) with and without neck activity, and the accuracy over all perfusion studies plus that
-  subgroup, with Wilson 95 % CIs over distinct images (each image's prediction: the majority of
-  the seeds). The paper's own limitation: a model that learned the neck shadow calls neck-free
-  ventilation studies perfusion.
+* **Subgroups** (the ``data.subgroup`` column each run stored in ``predictions.csv``: a manifest
+  column, or the phantom's truth - a study shows neck activity when its trachea mask is not
+  empty; runs without it: the phantom's ``mask_trachea`` in ``cams.npz``): per subgroup value the
+  share of ventilation studies recognised (the specificity, perfusion being positive), the
+  accuracy over all perfusion studies plus that subgroup's ventilation studies, and the accuracy
+  within the subgroup over both classes, with Wilson 95 % CIs over distinct images (each image's
+  prediction: the majority of the seeds). The paper's own limitation: a model that learned the
+  neck shadow calls neck-free ventilation studies perfusion.
 * **CAM randomisation** (Adebayo et al. 2018): per model, the Spearman similarity of each test
   CAM to the CAM of the same model with randomised weights (``cams.npz["cam_randomised_similarity"]``).
   CAMs that survive randomisation explain image edges, not what the model learned.
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lung_cls.data import subgroups
 from lung_cls.report.discover import RunRecord
 from lung_cls.report.fmt import finite, fmt
 from lung_cls.runs import read_cams
@@ -124,8 +127,56 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def _majority(runs: Sequence[RunRecord]) -> pd.DataFrame | None:
-    """Per distinct test image: label, majority prediction over seeds, neck activity."""
+def _votes(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Per distinct test image: label, subgroup, majority prediction over seeds (a tie: the mean
+    probability at 0.5)."""
+    df = pd.concat(parts, ignore_index=True)
+    g = df.groupby("id")
+    out = g.agg(label=("label", "first"), subgroup=("subgroup", "first"), votes=("pred", "mean"))
+    out["prob"] = g["prob"].mean()
+    out["pred"] = np.where(out["votes"] == 0.5, out["prob"] >= 0.5, out["votes"] > 0.5).astype(int)
+    return out
+
+
+def _stored(runs: Sequence[RunRecord]) -> tuple[str, str, pd.DataFrame] | None:
+    """The subgroup each run stored (``predictions.csv`` ``subgroup``; its column in
+    ``metrics.json`` ``data.subgroup.column``): (column, source, votes), or None.
+
+    Runs of one model that stored another column than the first are left out."""
+    parts, column, source = [], None, ""
+    for r in runs:
+        if r.status != "ok" or r.test is None or "subgroup" not in r.test.columns:
+            continue
+        t = r.test
+        values = t["subgroup"].fillna("").astype(str)
+        if (values == "").all():
+            continue
+        info = ((r.metrics or {}).get("data") or {}).get("subgroup") or {}
+        col = str(info.get("column") or "subgroup")
+        if column is not None and col != column:
+            continue
+        column = col
+        phantom = "path" in t.columns and t["path"].astype(str).str.startswith("phantom://").all()
+        source = "phantom truth" if phantom else f"data column '{col}'"
+        keep = values != ""
+        parts.append(
+            pd.DataFrame(
+                {
+                    "id": t["id"].astype(str)[keep],
+                    "label": t["label"].astype(int)[keep],
+                    "pred": t["pred"].astype(int)[keep],
+                    "prob": t["prob_perfusion"].astype(float)[keep],
+                    "subgroup": values[keep],
+                }
+            )
+        )
+    if not parts:
+        return None
+    return str(column), source, _votes(parts)
+
+
+def _from_trachea(runs: Sequence[RunRecord]) -> tuple[str, str, pd.DataFrame] | None:
+    """Runs that stored no subgroup: the phantom's neck truth from ``cams.npz`` ``mask_trachea``."""
     parts = []
     for r in runs:
         if r.status != "ok" or r.cams_path is None:
@@ -136,6 +187,7 @@ def _majority(runs: Sequence[RunRecord]) -> pd.DataFrame | None:
             continue
         if "mask_trachea" not in a or "preds" not in a:
             continue
+        neck = np.asarray(a["mask_trachea"], bool).any(axis=(1, 2))
         parts.append(
             pd.DataFrame(
                 {
@@ -143,18 +195,19 @@ def _majority(runs: Sequence[RunRecord]) -> pd.DataFrame | None:
                     "label": a["labels"].astype(int),
                     "pred": a["preds"].astype(int),
                     "prob": a["probs"].astype(float) if "probs" in a else np.nan,
-                    "neck": np.asarray(a["mask_trachea"], bool).any(axis=(1, 2)),
+                    "subgroup": np.where(neck, subgroups.YES, subgroups.NO),
                 }
             )
         )
     if not parts:
         return None
-    df = pd.concat(parts, ignore_index=True)
-    g = df.groupby("id")
-    out = g.agg(label=("label", "first"), neck=("neck", "first"), votes=("pred", "mean"))
-    out["prob"] = g["prob"].mean()
-    out["pred"] = np.where(out["votes"] == 0.5, out["prob"] >= 0.5, out["votes"] > 0.5).astype(int)
-    return out
+    return subgroups.PHANTOM_COLUMN, "phantom truth", _votes(parts)
+
+
+def _majority(runs: Sequence[RunRecord]) -> tuple[str, str, pd.DataFrame] | None:
+    """(column, where it comes from, per distinct test image: label, subgroup, majority
+    prediction): the stored subgroup column, else the phantom's trachea masks, else None."""
+    return _stored(runs) or _from_trachea(runs)
 
 
 def _share(k: int, n: int) -> dict[str, Any]:
@@ -165,20 +218,38 @@ def _share(k: int, n: int) -> dict[str, Any]:
 def subgroup_table(
     by_model: Mapping[str, Sequence[RunRecord]],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per model and subgroup value: ventilation studies recognised (the specificity), the
+    accuracy of those with all perfusion studies (the paper's limitation measured), and the
+    accuracy within the subgroup over both classes (its perfusion and ventilation studies); Wilson
+    95 % CIs over distinct test images (each image's prediction: the majority of the seeds).
+
+    The subgroup is what the runs stored (``data.subgroup``: a manifest column, or the phantom's
+    neck truth), else the phantom's trachea masks in ``cams.npz``. ``details[model][row label]``
+    also says the column, the value and where it came from."""
     rows, details = [], {}
     for model, runs in by_model.items():
-        df = _majority(runs)
-        if df is None:
+        found = _majority(runs)
+        if found is None:
             continue
+        column, source, df = found
         perf = df[df["label"] == 1]
         perf_ok = int((perf["pred"] == 1).sum())
         d: dict[str, Any] = {}
-        for name, sel in (("with neck activity", True), ("without neck activity", False)):
-            vent = df[(df["label"] == 0) & (df["neck"] == sel)]
+        for value in subgroups.display_order(df["subgroup"].astype(str)):
+            name = subgroups.describe(column, value)
+            in_group = df["subgroup"].astype(str) == value
+            vent = df[(df["label"] == 0) & in_group]
+            perf_in = df[(df["label"] == 1) & in_group]
             k = int((vent["pred"] == 0).sum())
+            k_perf_in = int((perf_in["pred"] == 1).sum())
             d[name] = {
+                "column": column,
+                "value": value,
+                "source": source,
                 "specificity": _share(k, len(vent)),
                 "accuracy": _share(k + perf_ok, len(vent) + len(perf)),
+                "accuracy_within": _share(k + k_perf_in, len(vent) + len(perf_in)),
+                "perfusion_in_subgroup": len(perf_in),
             }
             rows.append(
                 {
@@ -188,6 +259,10 @@ def subgroup_table(
                     "recognised (specificity)": _ci_text(d[name]["specificity"]),
                     "accuracy with all perfusion studies": _ci_text(d[name]["accuracy"]),
                     "perfusion studies": len(perf),
+                    "perfusion studies in subgroup": len(perf_in),
+                    "accuracy within subgroup (both classes)": _ci_text(d[name]["accuracy_within"]),
+                    "column": column,
+                    "source": source,
                 }
             )
         details[model] = d

@@ -211,14 +211,29 @@ CALIBRATION_TITLE = "Calibration: expected calibration error and Brier score (te
 RANDOMISATION_TITLE = "CAM sanity check: model-parameter randomisation (Adebayo et al. 2018)"
 
 
-def subgroup_section(table: pd.DataFrame | None) -> Section:
+def subgroup_title(column: str | None, source: str | None) -> str:
+    """The section's title, naming the column: the phantom's neck truth keeps its old title."""
+    if column is None or (column == "neck" and source == "phantom truth"):
+        return SUBGROUP_TITLE
+    return f"Subgroups by '{column}' ({source}): ventilation studies recognised and accuracy"
+
+
+def subgroup_section(table: pd.DataFrame | None, title: str = SUBGROUP_TITLE) -> Section:
     if table is None:
-        return _message(SUBGROUP_TITLE, "No neck truth (mask_trachea in cams.npz): skipped.")
-    return SUBGROUP_TITLE, html_table(table) + (
+        return _message(
+            "Subgroups",
+            "No subgroup (data.subgroup, the subgroup column of predictions.csv) and no neck "
+            "truth (mask_trachea in cams.npz): skipped.",
+        )
+    shown = table.drop(columns=[c for c in ("column", "source") if c in table.columns])
+    return title, html_table(shown) + (
         "<p class='note'>Perfusion is positive, so the share of ventilation studies recognised "
-        "is the specificity. Each distinct test image counts once (its prediction: the majority "
-        "of the seeds); 95% Wilson intervals. A model that learned the neck shadow recognises "
-        "ventilation studies with neck activity and misses those without.</p>"
+        "is the specificity. <i>Accuracy with all perfusion studies</i>: the subgroup's "
+        "ventilation studies together with every perfusion study; <i>accuracy within "
+        "subgroup</i>: only the subgroup's own studies of both classes (its perfusion studies "
+        "counted in the column before). Each distinct test image counts once (its prediction: "
+        "the majority of the seeds); 95% Wilson intervals. A model that learned the neck shadow "
+        "recognises ventilation studies with neck activity and misses those without.</p>"
     )
 
 

@@ -136,3 +136,53 @@ def test_run_artifacts_store_the_temperature_in_the_checkpoint(tmp_path: Path) -
     stored = torch.load(ckpt, weights_only=True)
     assert stored["temperature"] == pytest.approx(fit["temperature"]) and fit["temperature"] > 1
     assert stored["epoch"] == 3
+
+
+def test_subgroup_table_from_a_manifest_column_counts_each_image_once(tmp_path: Path) -> None:
+    """Two seeds of a run on manifest data (no truth masks) that stored a 'site' column: the
+    table is built from predictions.csv, each distinct test image once."""
+    import pandas as pd
+
+    # test rows: 6 perfusion (sites A A A A B B), 6 ventilation (A A B B B B)
+    site = ["A"] * 4 + ["B"] * 2 + ["A"] * 2 + ["B"] * 4
+    # perfusion: all right but the last B; ventilation: both A recognised, 1 of 4 B
+    pred = [1, 1, 1, 1, 1, 0] + [0, 0, 0, 1, 1, 1]
+    for seed in (0, 1):
+        run = _write_run(tmp_path, "resnet18", seed, np.random.default_rng(seed), cams=False)
+        df = pd.read_csv(run / "predictions.csv", dtype=str)
+        test = df["split"] == "test"
+        df["subgroup"] = ""
+        df.loc[test, "subgroup"] = site
+        df.loc[test, "pred"] = [str(p) for p in pred]
+        df.loc[test, "prob_perfusion"] = ["0.9" if p else "0.1" for p in pred]
+        df["path"] = "/data/" + df["id"] + ".dcm"  # not the phantom
+        df.to_csv(run / "predictions.csv", index=False)
+        m = json.loads((run / "metrics.json").read_text())
+        m["data"] = {"subgroup": {"column": "site", "stratify": False}}
+        (run / "metrics.json").write_text(json.dumps(m))
+    out = build_report(tmp_path, n_boot=20, n_perm=5, log_wandb=False)
+    sub = json.loads((out / "report.json").read_text())["subgroups"]["resnet18"]
+    assert list(sub) == ["site = A", "site = B"]
+    a, b = sub["site = A"], sub["site = B"]
+    assert a["column"] == "site" and a["source"] == "data column 'site'" and a["value"] == "A"
+    assert (a["specificity"]["k"], a["specificity"]["n"]) == (2, 2)
+    assert (a["accuracy"]["k"], a["accuracy"]["n"]) == (7, 8)  # with all 6 perfusion
+    assert (a["accuracy_within"]["k"], a["accuracy_within"]["n"]) == (6, 6)
+    assert (b["specificity"]["k"], b["specificity"]["n"]) == (1, 4)
+    assert (b["accuracy"]["k"], b["accuracy"]["n"]) == (6, 10)
+    assert (b["accuracy_within"]["k"], b["accuracy_within"]["n"]) == (2, 6)
+    assert b["perfusion_in_subgroup"] == 2
+    lo, hi = b["specificity"]["lo"], b["specificity"]["hi"]
+    assert 0.04 < lo < 0.05 and 0.69 < hi < 0.70  # Wilson 1/4
+    md = (out / "subgroups.md").read_text()
+    assert md.startswith("# Subgroups by 'site' (data column 'site')")
+    assert "accuracy within subgroup (both classes)" in md
+    assert "Subgroups by &#x27;site&#x27;" in (out / "report.html").read_text()  # escaped
+
+
+def test_runs_without_any_subgroup_skip_the_section(tmp_path: Path) -> None:
+    _write_run(tmp_path, "resnet18", 0, np.random.default_rng(0), cams=False)
+    out = build_report(tmp_path, n_boot=20, n_perm=5, log_wandb=False)
+    assert json.loads((out / "report.json").read_text())["subgroups"] == {}
+    assert not (out / "subgroups.md").exists()
+    assert "No subgroup (data.subgroup" in (out / "report.html").read_text()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, compose, tiny_overrides
@@ -90,7 +91,17 @@ def test_run_dir_is_complete_and_seed_reproducible(tmp_path):
     assert m1["seed"] == 0 and m1["backbone"] == "resnet18.tv_in1k"
     assert 0 <= m1["best_epoch"] < 2 and "val/acc_best" in m1
     header = (d1 / "predictions.csv").read_text().splitlines()[0]
-    assert header == "id,path,patient_id,split,label,prob_perfusion,pred"
+    assert header == "id,path,patient_id,split,label,prob_perfusion,pred,subgroup"
+    # the phantom's subgroup (data.subgroup=neck): its trachea truth, as stored in cams.npz
+    from lung_cls.runs import read_cams, read_predictions
+
+    test = read_predictions(d1, "test")
+    cams = read_cams(d1)
+    neck = np.where(cams["mask_trachea"].any(axis=(1, 2)), "yes", "no")
+    assert dict(zip(test["id"], test["subgroup"], strict=True)) == dict(
+        zip(cams["ids"].tolist(), neck.tolist(), strict=True)
+    )
+    assert m1["data"]["subgroup"]["column"] == "neck"
     # seed=0 is honoured and a fixed seed reproduces exactly.
     assert (d1 / "metrics.json").read_bytes() == (d2 / "metrics.json").read_bytes()
     assert (d1 / "predictions.csv").read_bytes() == (d2 / "predictions.csv").read_bytes()
