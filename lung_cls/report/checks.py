@@ -294,11 +294,17 @@ def randomisation_table(
         if not sims:
             continue
         v = np.concatenate(sims)
+        n_maps = int(v.size)
         v = v[np.isfinite(v)]
         if not v.size:
             continue
         med = float(np.median(v))
-        details[model] = {"n": int(v.size), "median": med, "mean": float(v.mean())}
+        # A flat map (Grad-CAM all zero after its ReLU, typical of a randomised network) has no
+        # rank correlation: such pairs are counted and left out, never scored as 0.
+        details[model] = {
+            "n": int(v.size), "n_maps": n_maps, "n_flat": n_maps - int(v.size),
+            "median": med, "mean": float(v.mean()),
+        }  # fmt: skip
         verdict = (
             "CAMs change with the weights (pass)"
             if abs(med) < 0.5
@@ -308,6 +314,7 @@ def randomisation_table(
             {
                 "model": model,
                 "CAMs": int(v.size),
+                "left out (a flat map)": n_maps - int(v.size),
                 "Spearman trained vs randomised: median": fmt(med, 2),
                 "IQR": f"{np.percentile(v, 25):.2f} - {np.percentile(v, 75):.2f}",
                 "verdict": verdict,

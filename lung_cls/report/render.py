@@ -259,7 +259,9 @@ def randomisation_section(table: pd.DataFrame | None) -> Section:
     return RANDOMISATION_TITLE, html_table(table) + (
         "<p class='note'>Spearman rank correlation between each test CAM of the trained model and "
         "the CAM of the same architecture with all weights re-initialised. High similarity means "
-        "the maps follow the image, not the learned weights, and are no explanation.</p>"
+        "the maps follow the image, not the learned weights, and are no explanation. Pairs in "
+        "which either map is flat (Grad-CAM all zero after its ReLU, common with random "
+        "weights) have no rank correlation; they are counted and left out.</p>"
     )
 
 

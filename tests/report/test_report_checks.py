@@ -47,6 +47,7 @@ def test_subgroups_randomisation_and_calibration_in_the_report(tmp_path: Path) -
     a["preds"] = labels.copy()
     a["preds"][vent[4:]] = 1
     a["cam_randomised_similarity"] = np.array([0.1, 0.2, 0.3] * 4, dtype=np.float32)
+    a["cam_randomised_similarity"][-1] = np.nan  # a flat map: counted, left out, not a 0
     np.savez(run / "cams.npz", **a)
     out = build_report(tmp_path, n_boot=20, n_perm=5, log_wandb=False)
     rep = json.loads((out / "report.json").read_text())
@@ -60,7 +61,9 @@ def test_subgroups_randomisation_and_calibration_in_the_report(tmp_path: Path) -
         sub["without neck activity"]["specificity"]["hi"],
     )
     assert lo == pytest.approx(0.0, abs=1e-9) and 0.6 < hi < 0.7  # Wilson 0/2
-    assert rep["cam_randomisation"]["resnet18"]["median"] == pytest.approx(0.2)
+    rnd = rep["cam_randomisation"]["resnet18"]
+    assert rnd["median"] == pytest.approx(0.2) and rnd["mean"] == pytest.approx(2.1 / 11)
+    assert (rnd["n"], rnd["n_maps"], rnd["n_flat"]) == (11, 12, 1)
     assert math.isfinite(rep["calibration"]["resnet18"]["ece"])
     assert (out / "fig5_reliability.png").read_bytes()[:4] == b"\x89PNG"
     html = (out / "report.html").read_text()
