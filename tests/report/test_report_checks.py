@@ -64,6 +64,7 @@ def test_subgroups_randomisation_and_calibration_in_the_report(tmp_path: Path) -
     rnd = rep["cam_randomisation"]["resnet18"]
     assert rnd["median"] == pytest.approx(0.2) and rnd["mean"] == pytest.approx(2.1 / 11)
     assert (rnd["n"], rnd["n_maps"], rnd["n_flat"]) == (11, 12, 1)
+    assert rnd["verdict"] == "CAMs change with the weights (pass)"
     assert math.isfinite(rep["calibration"]["resnet18"]["ece"])
     assert (out / "fig5_reliability.png").read_bytes()[:4] == b"\x89PNG"
     html = (out / "report.html").read_text()
@@ -189,3 +190,12 @@ def test_runs_without_any_subgroup_skip_the_section(tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text())["subgroups"] == {}
     assert not (out / "subgroups.md").exists()
     assert "No subgroup (data.subgroup" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("median", "word"),
+    [(0.0, "pass"), (-0.29, "pass"), (0.3, "caution"), (0.41, "caution"), (-0.59, "caution"),
+     (0.6, "not explanations"), (0.95, "not explanations")],
+)  # fmt: skip
+def test_randomisation_verdict_is_graded(median: float, word: str) -> None:
+    assert word in checks.randomisation_verdict(median)
