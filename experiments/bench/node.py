@@ -112,6 +112,7 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
         sys.executable, "-m", "lung_cls.node", model_arg, f"spool={spool}", f"listen.port={port}",
         f"forward.port={pacs.dicom_port}", "forward.ae_title=ORTHANC", "hold=[]",
         f"series.quiet_s={args.quiet}", f"threads={args.threads}", f"report={not args.no_report}",
+        f"forward.workers={args.forward_workers}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -201,6 +202,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", nargs="+", default=["torch", "onnx"])
     p.add_argument("--no-report", action="store_true", help="report=false: no SR per series")
+    p.add_argument(
+        "--forward-workers", type=int, default=2, help="forward.workers: associations to the PACS"
+    )
     p.add_argument("--work", type=Path, default=None, help="keep spools and logs here")
     args = p.parse_args()
     if shutil.which("Orthanc") is None or shutil.which("storescu") is None:
@@ -226,6 +230,7 @@ def main() -> None:
     print(
         f"{args.studies} V/Q studies x 2 series x 2 instances, {args.senders} concurrent storescu, "
         f"resnet18 at {args.size} px, series.quiet_s={args.quiet}, complete_on_release=true, "
+        f"forward.workers={args.forward_workers}, "
         f"report={not args.no_report}"
     )
     for r in results:

@@ -114,6 +114,11 @@ class Node:
         self._released: set[str] = set()  # series whose senders all ended
         self.backoff_s = 0.0
         self.failures = 0
+        # Forwarder workers claim disjoint batches under this lock; `_inflight` holds the
+        # instances a live worker of this process is sending, which `reconcile` leaves alone
+        # (only rows `sending` that no worker owns - a crash, a broken link - are looked up).
+        self._claim_lock = threading.Lock()
+        self._inflight: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Node:
@@ -122,7 +127,10 @@ class Node:
         if self.s.report:
             self._warm_report()
         self._server = self._make_scp()
-        for name, target in (("checker", self._checker), ("forwarder", self._forwarder)):
+        workers = [("checker", self._checker)] + [
+            (f"forwarder-{k}", self._forwarder) for k in range(self.s.forward_workers)
+        ]
+        for name, target in workers:
             t = threading.Thread(target=target, name=f"node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -449,6 +457,8 @@ class Node:
         """Instances in flight when the link or the node went away: ask the PACS before any is
         sent again (the PACS may have stored one whose answer never came)."""
         for r in self.audit.by_state(A.SENDING):
+            if r["sop_instance_uid"] in self._inflight:
+                continue  # a live worker is sending it and will record the outcome
             have = self.pacs.has_instance(
                 r["study_instance_uid"], r["series_instance_uid"], r["sop_instance_uid"]
             )
@@ -472,16 +482,33 @@ class Node:
 
     def forward_once(self) -> int:
         """One batch: reconcile what was in flight, then send up to ``forward_batch`` queued
-        instances. Returns how many were forwarded."""
+        instances over one association. Several workers (``forward.workers``) call this at once:
+        each claims its batch under one lock, so batches are disjoint, and a backlog is shared
+        out evenly. Returns how many were forwarded."""
+        with self._claim_lock:
+            try:
+                self.reconcile()
+            except PacsUnavailable as err:
+                self._failed(str(err))
+                return 0
+            by_sop = self._claim()
+        if not by_sop:
+            return 0
         try:
-            self.reconcile()
-        except PacsUnavailable as err:
-            self._failed(str(err))
-            return 0
-        rows = self.audit.by_state(A.QUEUED, limit=self.s.forward_batch)
+            return self._send_claimed(by_sop)
+        finally:
+            with self._claim_lock:
+                self._inflight.difference_update(by_sop)
+
+    def _claim(self) -> dict[str, dict[str, Any]]:
+        """Queued instances for one worker (its share of the backlog, at most ``forward_batch``),
+        moved to `sending` and marked in flight. Call with ``_claim_lock`` held."""
+        workers = max(1, self.s.forward_workers)
+        rows = self.audit.by_state(A.QUEUED, limit=self.s.forward_batch * workers)
         if not rows:
-            return 0
-        items, by_sop = [], {}
+            return {}
+        rows = rows[: max(1, min(self.s.forward_batch, -(-len(rows) // workers)))]
+        by_sop = {}
         for r in rows:
             path = self.spool.find(r["file"], r["series_instance_uid"], r["sop_instance_uid"])
             if path is None:  # cannot happen unless someone deleted it: say so, do not loop on it
@@ -493,12 +520,16 @@ class Node:
                     )  # fmt: skip
                 log.error("%s: spool file missing; held", r["sop_instance_uid"])
                 continue
-            items.append((r["sop_instance_uid"], path))
-            by_sop[r["sop_instance_uid"]] = r
+            by_sop[r["sop_instance_uid"]] = {**r, "path": path}
         # The whole batch goes to `sending` in one transaction and its outcome is recorded in
         # one more: after a crash in between, the rows still `sending` are looked up on the PACS
         # (`reconcile`) before any is sent again.
-        self._set_state([r["sop_instance_uid"] for r in by_sop.values()], A.SENDING, A.QUEUED)
+        self._set_state(list(by_sop), A.SENDING, A.QUEUED)
+        self._inflight.update(by_sop)
+        return by_sop
+
+    def _send_claimed(self, by_sop: dict[str, dict[str, Any]]) -> int:
+        items = [(sop, r["path"]) for sop, r in by_sop.items()]
         results: dict[str, SendResult] = {}
         reached: set[str] = set()
         error = None

@@ -65,6 +65,7 @@ class NodeSettings:
     forward_port: int = 4242
     forward_ae: str = "PACS"
     forward_batch: int = 32
+    forward_workers: int = 2
     retry_initial_s: float = 1.0
     retry_max_s: float = 30.0
     timeout_s: float = 10.0
@@ -132,6 +133,7 @@ class NodeSettings:
             forward_port=_port(forward, "port", 4242, "forward"),
             forward_ae=_ae_title("forward.ae_title", forward.get("ae_title", "PACS")),
             forward_batch=number(forward, "batch", int, 32, minimum=1),
+            forward_workers=number(forward, "workers", int, 2, minimum=1),
             retry_initial_s=number(forward, "retry_initial_s", float, 1.0, minimum=0.01),
             retry_max_s=number(forward, "retry_max_s", float, 30.0, minimum=0.01),
             timeout_s=number(forward, "timeout_s", float, 10.0, minimum=0.1),

@@ -294,3 +294,86 @@ def test_cli_missing_model_is_one_line(tmp_path):
     )  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.strip() == f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found"
+
+
+class _SlowPacs:
+    """A PACS stand-in: every C-STORE succeeds after ``delay_s``; records what was sent and
+    which instances were looked up by C-FIND."""
+
+    def __init__(self, delay_s: float = 0.3) -> None:
+        import threading
+
+        self.delay_s = delay_s
+        self.sent: list[str] = []
+        self.asked: list[str] = []
+        self.batches: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def send(self, items, on_result=None, before_each=None):
+        import time
+
+        from lung_cls.node.forward import SendResult
+
+        with self.lock:
+            self.batches.append([sop for sop, _ in items])
+        out = []
+        for sop, _path in items:
+            if before_each:
+                before_each(sop)
+            time.sleep(self.delay_s / len(items))
+            with self.lock:
+                self.sent.append(sop)
+            res = SendResult(sop, True)
+            out.append(res)
+            if on_result:
+                on_result(res)
+        return out
+
+    def has_instance(self, study, series, sop):
+        with self.lock:
+            self.asked.append(sop)
+        return False
+
+
+def _queued(node: Node, n: int, series: str = "1.2.3") -> list[str]:
+    from lung_cls.node.spool import INCOMING, write_atomic
+
+    sops = [f"1.2.3.{k}" for k in range(n)]
+    for sop in sops:
+        rel = node.spool.rel(INCOMING, series, sop)
+        write_atomic(node.spool.path(rel), b"not sent anywhere")
+        node.audit.add_received(
+            {"sop_instance_uid": sop, "series_instance_uid": series, "file": rel}
+        )
+    with node.audit.tx() as db:
+        db.execute("UPDATE instances SET state='queued'")
+    return sops
+
+
+def test_forward_workers_claim_disjoint_shares_and_reconcile_leaves_theirs_alone(tmp_path):
+    """Two forwarders at once: each instance is sent exactly once, the backlog is split between
+    the two associations, and an instance one worker has in flight is never looked up (C-FIND)
+    or re-queued by the other; one orphaned `sending` row (a crash) is looked up."""
+    import threading
+
+    node = Node(settings(tmp_path / "spool", forward_workers=2, forward_batch=32), None)
+    node.pacs = pacs = _SlowPacs()
+    sops = _queued(node, 20)
+    with node.audit.tx() as db:  # an instance left `sending` by a crash
+        db.execute("UPDATE instances SET state='sending' WHERE sop_instance_uid=?", (sops[0],))
+    counts = []
+    workers = [threading.Thread(target=lambda: counts.append(node.forward_once())) for _ in "ab"]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(30)
+    while node.forward_once():  # what is left, e.g. the re-queued orphan
+        pass
+    assert sorted(pacs.sent) == sorted(sops), "every instance sent exactly once"
+    assert pacs.asked == [sops[0]], "only the orphan is looked up; in-flight rows are not"
+    assert len(pacs.batches[0]) < 19 and len(pacs.batches[1]) < 19  # the backlog was shared
+    assert set(pacs.batches[0]).isdisjoint(pacs.batches[1])
+    rows = audit_rows(tmp_path / "spool")
+    assert {r["state"] for r in rows.values()} == {"forwarded"}
+    assert {r["deliveries"] for r in rows.values()} == {1}
+    assert not node._inflight
