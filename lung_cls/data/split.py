@@ -961,6 +961,19 @@ def split_summary(
     return out
 
 
+def _images_and_splits(
+    images: np.ndarray, splits: Sequence[str] | np.ndarray, caller: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (N, H, W), splits (N,) as str)``, or a ValueError naming ``caller``."""
+    imgs = np.asarray(images)
+    splits_arr = np.asarray(splits).astype(str)
+    if imgs.ndim < 2 or len(imgs) != len(splits_arr):
+        raise ValueError(
+            f"{caller}: need images (N, H, W) and N splits, got {imgs.shape} and {len(splits_arr)}"
+        )
+    return imgs, splits_arr
+
+
 def duplicate_content(
     images: np.ndarray,
     splits: Sequence[str] | np.ndarray,
@@ -973,13 +986,7 @@ def duplicate_content(
     are confirmed with a full comparison. Images in ``ignore`` splits (default: unused) are
     skipped, since they are never trained or scored.
     """
-    imgs = np.asarray(images)
-    splits_arr = np.asarray(splits).astype(str)
-    if imgs.ndim < 2 or len(imgs) != len(splits_arr):
-        raise ValueError(
-            f"duplicate_content: need images (N, H, W) and N splits, got {imgs.shape} and "
-            f"{len(splits_arr)}"
-        )
+    imgs, splits_arr = _images_and_splits(images, splits, "duplicate_content")
     buckets: dict[bytes, list[int]] = {}
     for i in range(len(imgs)):
         if splits_arr[i] in ignore:
@@ -1029,13 +1036,7 @@ def near_duplicates(
     images is 0.994 at 64 px and 0.993 at 96 px (docs/statistics.md), hence the default 0.999.
     Images in ``ignore`` splits (default: unused) are skipped.
     """
-    imgs = np.asarray(images)
-    splits_arr = np.asarray(splits).astype(str)
-    if imgs.ndim < 2 or len(imgs) != len(splits_arr):
-        raise ValueError(
-            f"near_duplicates: need images (N, H, W) and N splits, got {imgs.shape} and "
-            f"{len(splits_arr)}"
-        )
+    imgs, splits_arr = _images_and_splits(images, splits, "near_duplicates")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"near_duplicates: threshold must lie in (0, 1], got {threshold}")
     keep = np.flatnonzero(~np.isin(splits_arr, list(ignore)))

@@ -20,7 +20,7 @@ from lung_cls.qa.declared import (
     KeywordMatcher,
     keyword_map_from_config,
 )
-from lung_cls.qa.settings import RESOLVERS, number, plain
+from lung_cls.qa.settings import number, plain, resolve_model
 
 HOLDABLE = ("mismatch", "rejected", "review")
 
@@ -90,13 +90,7 @@ class NodeSettings:
         listen = cfg.get("listen") or {}
         forward = cfg.get("forward") or {}
         series = cfg.get("series") or {}
-        backend = str(cfg.get("backend") or "auto")
-        if backend == "auto":
-            backend = "onnx" if cfg.get("onnx") else "torch"
-        if backend not in RESOLVERS:
-            raise UserError(f"backend must be auto, torch or onnx, got {backend!r}")
-        key, resolve = RESOLVERS[backend]
-        model_paths = resolve(plain(cfg.get(key)))
+        backend, model_paths = resolve_model(cfg)
         hold = _strings("hold", cfg.get("hold", ["mismatch", "rejected"]))
         bad = sorted(set(hold) - set(HOLDABLE))
         if bad:

@@ -36,6 +36,19 @@ log = logging.getLogger("lung_cls.predict")
 RESOLVERS = {"torch": ("ckpt", resolve_checkpoints), "onnx": ("onnx", resolve_onnx_models)}
 
 
+def resolve_model(cfg: Mapping[str, Any]) -> tuple[str, list[Path]]:
+    """``(backend, model paths)`` of a command's ``backend``/``ckpt``/``onnx`` keys (predict and
+    the node): ``auto`` is ONNX when ``onnx=`` is given, else torch; paths checked, no model
+    loaded."""
+    backend = str(cfg.get("backend") or "auto")
+    if backend == "auto":
+        backend = "onnx" if cfg.get("onnx") else "torch"
+    if backend not in RESOLVERS:
+        raise UserError(f"backend must be auto, torch or onnx, got {backend!r}")
+    key, resolve = RESOLVERS[backend]
+    return backend, resolve(plain(cfg.get(key)))
+
+
 def plain(value: Any) -> Any:
     """An OmegaConf value -> plain Python (lists, dicts); None stays None."""
     return to_plain(value) if value is not None else None
@@ -93,14 +106,8 @@ class PredictSettings:
     def from_config(cls, cfg: Mapping[str, Any]) -> PredictSettings:
         output, existing = check_output(cfg["output"], bool(cfg.get("overwrite", False)))
         band = check_review_band(plain(cfg.get("review_band")))
-        backend = str(cfg.get("backend") or "auto")
-        if backend == "auto":
-            backend = "onnx" if cfg.get("onnx") else "torch"
-        if backend not in RESOLVERS:
-            raise UserError(f"backend must be auto, torch or onnx, got {backend!r}")
-        key, resolve = RESOLVERS[backend]
         # Cheap checks first: a bad checkpoint path or an empty folder fails before any model loads.
-        model_paths = resolve(plain(cfg.get(key)))
+        backend, model_paths = resolve_model(cfg)
         ignored: list[tuple[Path, str]] = []
         files, walk_errors, root = find_inputs(
             cfg["input"], plain(cfg.get("extensions")) or DEFAULT_EXTENSIONS, exclude=[output],
