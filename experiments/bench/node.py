@@ -92,9 +92,18 @@ def rows_of(spool: Path) -> list[dict]:
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its live descendants (the node's check
+    processes), all threads, from /proc."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_s(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
 
 
 def ts(text: str) -> float:
@@ -112,7 +121,7 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
         sys.executable, "-m", "lung_cls.node", model_arg, f"spool={spool}", f"listen.port={port}",
         f"forward.port={pacs.dicom_port}", "forward.ae_title=ORTHANC", "hold=[]",
         f"series.quiet_s={args.quiet}", f"threads={args.threads}", f"report={not args.no_report}",
-        f"forward.workers={args.forward_workers}",
+        f"forward.workers={args.forward_workers}", f"check.processes={args.check_processes}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -205,6 +214,10 @@ def main() -> None:
     p.add_argument(
         "--forward-workers", type=int, default=2, help="forward.workers: associations to the PACS"
     )
+    p.add_argument(
+        "--check-processes", type=int, default=1,
+        help="check.processes: worker processes the check runs in (0: in the node's process)",
+    )  # fmt: skip
     p.add_argument("--work", type=Path, default=None, help="keep spools and logs here")
     args = p.parse_args()
     if shutil.which("Orthanc") is None or shutil.which("storescu") is None:
@@ -230,7 +243,7 @@ def main() -> None:
     print(
         f"{args.studies} V/Q studies x 2 series x 2 instances, {args.senders} concurrent storescu, "
         f"resnet18 at {args.size} px, series.quiet_s={args.quiet}, complete_on_release=true, "
-        f"forward.workers={args.forward_workers}, "
+        f"forward.workers={args.forward_workers}, check.processes={args.check_processes}, "
         f"report={not args.no_report}"
     )
     for r in results:

@@ -25,7 +25,8 @@ def run(cfg: DictConfig) -> int:
     from lung_cls.node.settings import NodeSettings
 
     settings = NodeSettings.from_config(cfg)  # cheap checks before the model loads
-    ens = settings.load_ensemble()
+    # With check processes, they load the model (and say in one line if it does not load).
+    ens = settings.load_ensemble() if settings.check_processes == 0 else None
     node = Node(settings, ens, version=__version__)
     try:
         node.start()

@@ -1,18 +1,21 @@
 """The node: a Storage + Verification SCP that spools, a checker that groups and checks series,
-and a forwarder that sends to the PACS.
+and forwarders that send to the PACS.
 
-Three threads share the audit log (`lung_cls.node.audit`), which is also the work list:
+Its threads share the audit log (`lung_cls.node.audit`), which is also the work list:
 
 * the SCP (pynetdicom, one thread per association) writes each instance durably into the spool
   and records it *before* it answers success; a dataset it cannot decode, or without pixel data,
   gets a failure status and a log line, and the association goes on;
 * the checker takes a series once it has been quiet for ``quiet_s`` (or, with
-  ``complete_on_release``, once every association that delivered to it has ended), checks it
-  (`lung_cls.node.check`) and queues it for the PACS or holds it in quarantine; with ``report`` a
-  structured report joins it;
-* the forwarder sends queued instances, marks each forwarded as the PACS acknowledges it, and on
-  failure backs off (doubling, up to ``retry_max_s``). An instance that was in flight when the
-  PACS or the node went away is looked up on the PACS by C-FIND before it is sent again.
+  ``complete_on_release``, once every association that delivered to it has ended), has it checked
+  (`lung_cls.node.check`; in ``check.processes`` worker processes, `lung_cls.node.workers`, or in
+  this thread with 0) and queues it for the PACS or holds it in quarantine; with ``report`` a
+  structured report joins it. Only this process writes the spool and the log: a check lost with
+  its worker leaves the series ``received`` and it is checked again;
+* ``forward.workers`` forwarders send queued instances, each on its own association, mark each
+  forwarded as the PACS acknowledges it, and on failure back off (doubling, up to
+  ``retry_max_s``). An instance that was in flight when the PACS or the node went away is looked
+  up on the PACS by C-FIND before it is sent again.
 """
 
 from __future__ import annotations
@@ -22,15 +25,22 @@ import threading
 import time
 from collections import defaultdict
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from lung_cls.node import audit as A
 from lung_cls.node.audit import Audit, now_iso
-from lung_cls.node.check import PASSED, REJECTED, REPORT, LungRule, Verdict, check_series
+from lung_cls.node.check import PASSED, REJECTED, REPORT, LungRule, Verdict
 from lung_cls.node.forward import Pacs, PacsUnavailable, SendResult
 from lung_cls.node.settings import NodeSettings
-from lung_cls.node.spool import INCOMING, QUARANTINE, Spool
+from lung_cls.node.spool import INCOMING, QUARANTINE, Spool, write_atomic
+from lung_cls.node.workers import (
+    CheckContext,
+    CheckPool,
+    Outcome,
+    ReportFile,
+    check_and_report,
+    warm_report,
+)
 
 log = logging.getLogger("lung_cls.node")
 
@@ -38,6 +48,9 @@ log = logging.getLogger("lung_cls.node")
 CANNOT_UNDERSTAND = 0xC210
 NOT_AN_IMAGE = 0xA900  # "dataset does not match SOP class": here, no pixel data
 OUT_OF_RESOURCES = 0xA700
+
+#: Checks of one series lost with their process (a crash) before the series is rejected (held).
+MAX_CHECK_ATTEMPTS = 3
 
 
 def malformed(ds: Any) -> str | None:
@@ -68,25 +81,6 @@ def malformed(ds: Any) -> str | None:
     return None
 
 
-#: What the report needs of each checked instance: its references and the patient / study modules
-#: highdicom copies from the first one. (A whole NM header makes highdicom several times slower.)
-_EVIDENCE_KEYWORDS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientName",
-    "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-    "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "IssuerOfPatientID",
-)  # fmt: skip
-
-
-def _evidence(ds: Any) -> Any:
-    from pydicom.dataset import Dataset
-
-    out = Dataset()
-    for keyword in _EVIDENCE_KEYWORDS:
-        if keyword in ds:
-            setattr(out, keyword, ds.data_element(keyword).value)
-    return out
-
-
 def _age_s(iso: str) -> float:
     return time.time() - datetime.fromisoformat(iso).timestamp()
 
@@ -101,6 +95,14 @@ class Node:
         self.spool = Spool(settings.spool)
         self.audit = Audit(self.spool.root / A.AUDIT_NAME)
         self.rule = LungRule(settings.lung_keywords, settings.modalities)
+        self.ctx = CheckContext(self.rule, settings.options, settings.report, settings.ae_title,
+                                version)  # fmt: skip
+        self.pool = (
+            CheckPool(settings, self.ctx, settings.check_processes)
+            if settings.check_processes > 0 else None
+        )  # fmt: skip
+        self._checking: dict[str, tuple[Any, list[dict[str, Any]]]] = {}  # series -> in a process
+        self._lost: dict[str, int] = defaultdict(int)
         self.pacs = Pacs(
             settings.forward_host, settings.forward_port, settings.forward_ae,
             calling_ae=settings.ae_title, timeout_s=settings.timeout_s,
@@ -124,8 +126,10 @@ class Node:
     def start(self) -> Node:
         self.spool.clean_temp()
         self._adopt_orphans()
-        if self.s.report:
-            self._warm_report()
+        if self.pool is not None:
+            self.pool.start()  # every worker has loaded the model before the port opens
+        elif self.s.report:
+            warm_report(self.ctx)
         self._server = self._make_scp()
         workers = [("checker", self._checker)] + [
             (f"forwarder-{k}", self._forwarder) for k in range(self.s.forward_workers)
@@ -141,25 +145,6 @@ class Node:
         )  # fmt: skip
         return self
 
-    def _warm_report(self) -> None:
-        """highdicom takes seconds to import and to build its first report: do it before the
-        port opens, not on the first series."""
-        import tempfile
-
-        import numpy as np
-        import pydicom
-
-        from lung_cls.data.dicomio import write_nm_dicom
-        from lung_cls.node.report import build_report, encode
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_nm_dicom(
-                Path(tmp) / "warm.dcm", np.zeros((8, 8), np.uint16), patient_id="WARM",
-                series_description="LUNG",
-            )  # fmt: skip
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        encode(build_report([ds], {"status": "ok"}, {"name": "warm"}, self.s.ae_title))
-
     @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server else self.s.port
@@ -170,6 +155,8 @@ class Node:
             self._server.shutdown()
         for t in self._threads:
             t.join(timeout=30)
+        if self.pool is not None:
+            self.pool.close()  # series still in a process stay `received`: checked at restart
         self.audit.close()
 
     def wait(self) -> None:
@@ -299,7 +286,17 @@ class Node:
                 log.exception("checker failed; retrying")
                 done = 0
             if not done:
-                self._stop.wait(0.1)
+                self._idle(0.1)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait for a check process to answer, at most ``seconds`` (or for the stop)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        futures = [f for f, _ in self._checking.values()]
+        if futures:
+            wait(futures, timeout=seconds, return_when=FIRST_COMPLETED)
+        else:
+            self._stop.wait(seconds)
 
     def _ready(self, series: str, last: str) -> bool:
         with self._lock:
@@ -310,10 +307,15 @@ class Node:
         return _age_s(last) >= self.s.quiet_s
 
     def check_ready(self) -> int:
-        """Check every series that is complete; returns how many."""
-        n = 0
+        """Check every series that is complete (with check processes: hand it to them, and
+        apply what they have sent back); returns how many."""
+        n = self._collect() if self._checking else 0
         for item in self.audit.pending_series():
             if self._stop.is_set():
+                break
+            if item["series"] in self._checking:
+                continue
+            if self.pool is not None and len(self._checking) >= self.pool.capacity:
                 break
             if self._ready(item["series"], item["last"]):
                 self.process_series(item["series"])
@@ -323,6 +325,8 @@ class Node:
         return n
 
     def process_series(self, series: str) -> None:
+        """Check one series: here (``check.processes=0``) or handed to a check process, whose
+        outcome `_collect` applies when it is back."""
         rows = self.audit.series_rows(series, A.RECEIVED)
         if not rows:
             return
@@ -341,44 +345,55 @@ class Node:
             path = self.spool.find(r["file"], series, r["sop_instance_uid"])
             if path is not None:
                 files.append((r["sop_instance_uid"], path))
-        try:
-            verdict = check_series(self.ens, files, self.rule, self.s.options)
-        except Exception as err:  # noqa: BLE001 - a broken check holds the series, never loops
-            log.exception("series %s: the check failed", series)
-            verdict = Verdict(REJECTED, reason=f"rejected: the check failed ({err})")
+        if self.pool is None:
+            self._finish(series, rows, check_and_report(self.ens, files, self.ctx))
+        else:
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                future = self.pool.submit(files)
+            except BrokenProcessPool:  # a worker died while idle: the pool refuses new work
+                self.pool.restart()
+                future = self.pool.submit(files)
+            self._checking[series] = (future, rows)
+
+    def _collect(self) -> int:
+        """Apply the outcomes the check processes have sent back; returns how many. A check lost
+        with its process (a crash) leaves its series ``received``: it is checked again, and
+        rejected (held) after ``MAX_CHECK_ATTEMPTS`` lost checks, never retried in a loop."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        n, broken = 0, False
+        for series in [s for s, (f, _) in self._checking.items() if f.done()]:
+            future, rows = self._checking.pop(series)
+            try:
+                outcome = future.result()
+            except Exception as err:  # noqa: BLE001 - the worker died or could not answer
+                broken = broken or isinstance(err, BrokenProcessPool)
+                self._lost[series] += 1
+                log.error("series %s: its check was lost (%s: %s), attempt %d of %d", series,
+                          type(err).__name__, err, self._lost[series], MAX_CHECK_ATTEMPTS)  # fmt: skip
+                if self._lost[series] < MAX_CHECK_ATTEMPTS:
+                    continue
+                outcome = Outcome(Verdict(
+                    REJECTED, reason=f"rejected: the check process failed "
+                    f"{MAX_CHECK_ATTEMPTS} times on this series ({type(err).__name__})",
+                ))  # fmt: skip
+            self._lost.pop(series, None)
+            self._finish(series, rows, outcome)
+            n += 1
+        if broken and not self._stop.is_set():
+            self.pool.restart()
+        return n
+
+    def _finish(self, series: str, rows: list[dict[str, Any]], outcome: Outcome) -> None:
+        verdict = outcome.verdict
         hold = verdict.status in self.s.hold
-        report = None
-        if self.s.report and verdict.status != PASSED and files:
-            report = self._report(files, verdict)
-        self._apply(series, rows, verdict, hold, report)
+        self._apply(series, rows, verdict, hold, outcome.report)
         log.info(
             "series %s (%d instance(s)): %s%s -> %s", series, len(rows), verdict.status,
             f" [{verdict.reason}]" if verdict.reason else "", "held" if hold else "queued",
         )  # fmt: skip
-
-    def _report(self, files: list[tuple[str, Path]], verdict: Verdict) -> tuple[Any, bytes] | None:
-        import pydicom
-
-        from lung_cls.node.report import build_report, encode
-
-        try:
-            evidence = [_evidence(pydicom.dcmread(p, stop_before_pixels=True)) for _, p in files]
-            members = getattr(self.ens, "members", [{}])
-            name = "+".join(str(m.get("name") or m.get("backbone") or "model") for m in members)
-            sr = build_report(
-                evidence,
-                {
-                    "status": verdict.status, "declared": verdict.declared,
-                    "predicted": verdict.predicted, "prob_perfusion": verdict.prob_perfusion,
-                    "reason": verdict.reason,
-                },
-                {"name": name, "version": self.version},
-                self.s.ae_title,
-            )  # fmt: skip
-            return sr, encode(sr)
-        except Exception as err:  # noqa: BLE001 - the series still goes on, without its report
-            log.error("structured report for %s not written (%s)", files[0][0], err)
-            return None
 
     def _apply(
         self,
@@ -386,7 +401,7 @@ class Node:
         rows: list[dict[str, Any]],
         v: Verdict,
         hold: bool,
-        report: tuple[Any, bytes] | None,
+        report: ReportFile | None,
     ) -> None:
         """Files first (idempotent moves), then one transaction for every row of the series."""
         where = QUARANTINE if hold else INCOMING
@@ -394,15 +409,10 @@ class Node:
             r["sop_instance_uid"]: self.spool.move(r["file"], where, series, r["sop_instance_uid"])
             for r in rows
         }
-        report_row = None
+        report_rel = None
         if report is not None:
-            sr, data = report
-            sr_series, sr_sop = str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID)
-            rel = self.spool.rel(where, sr_series, sr_sop)
-            from lung_cls.node.spool import write_atomic
-
-            write_atomic(self.spool.path(rel), data)
-            report_row = (sr, rel)
+            report_rel = self.spool.rel(where, report.series, report.sop)
+            write_atomic(self.spool.path(report_rel), report.data)
         state = A.HELD if hold else A.QUEUED
         now = now_iso()
         with self.audit.tx() as db:
@@ -415,17 +425,15 @@ class Node:
                      now, v.reason if (hold or v.status == PASSED) else None,
                      moved[r["sop_instance_uid"]], r["sop_instance_uid"], A.RECEIVED),
                 )  # fmt: skip
-            if report_row is not None:
-                sr, rel = report_row
+            if report is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO instances (sop_instance_uid, series_instance_uid, "
                     "study_instance_uid, patient_id, sop_class_uid, calling_ae, received_at, "
                     "declared, predicted, prob_perfusion, status, review, state, checked_at, "
                     "held_reason, report_for, file) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), str(sr.StudyInstanceUID),
-                     str(sr.get("PatientID", "")), str(sr.SOPClassUID), self.s.ae_title, now,
-                     v.declared, v.predicted, v.prob_perfusion, REPORT, int(v.review), state, now,
-                     v.reason if hold else None, series, rel),
+                    (report.sop, report.series, report.study, report.patient, report.sop_class,
+                     self.s.ae_title, now, v.declared, v.predicted, v.prob_perfusion, REPORT,
+                     int(v.review), state, now, v.reason if hold else None, series, report_rel),
                 )  # fmt: skip
             self.audit.event(db, series, "held" if hold else "queued", "node", v.reason)
 

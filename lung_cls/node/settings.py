@@ -33,7 +33,7 @@ def _ae_title(key: str, value: Any) -> str:
 
 
 def _port(cfg: Mapping[str, Any], key: str, default: int, where: str) -> int:
-    port = number(cfg, key, int, default, minimum=0)
+    port = number(cfg, key, int, default, minimum=0, where=where)
     if port > 65535:
         raise ConfigError(f"{where}.{key}", port, "expected a port number 0..65535")
     return port
@@ -48,6 +48,13 @@ def _strings(key: str, value: Any) -> list[str]:
     if not isinstance(value, Sequence):
         raise ConfigError(key, value, "expected a list of strings")
     return [str(v) for v in value]
+
+
+def _processes(check: Mapping[str, Any]) -> int:
+    n = number(check, "processes", int, 1, minimum=0, where="check")
+    if n > 64:
+        raise ConfigError("check.processes", n, "expected 0 (check in the node's process) to 64")
+    return n
 
 
 @dataclass
@@ -78,6 +85,9 @@ class NodeSettings:
     accept_non_image: bool = False
     device: str = "cpu"
     threads: int | None = None
+    check_processes: int = 0
+    """Worker processes the check runs in (`lung_cls.node.workers`); 0: in the node's process.
+    ``conf/node.yaml`` says 1; the dataclass says 0 for the in-memory models of the tests."""
     options: PredictOptions = field(default_factory=PredictOptions)
 
     @classmethod
@@ -90,6 +100,7 @@ class NodeSettings:
         listen = cfg.get("listen") or {}
         forward = cfg.get("forward") or {}
         series = cfg.get("series") or {}
+        check = cfg.get("check") or {}
         backend, model_paths = resolve_model(cfg)
         hold = _strings("hold", cfg.get("hold", ["mismatch", "rejected"]))
         bad = sorted(set(hold) - set(HOLDABLE))
@@ -126,12 +137,14 @@ class NodeSettings:
             forward_host=str(forward.get("host", "127.0.0.1")),
             forward_port=_port(forward, "port", 4242, "forward"),
             forward_ae=_ae_title("forward.ae_title", forward.get("ae_title", "PACS")),
-            forward_batch=number(forward, "batch", int, 32, minimum=1),
-            forward_workers=number(forward, "workers", int, 2, minimum=1),
-            retry_initial_s=number(forward, "retry_initial_s", float, 1.0, minimum=0.01),
-            retry_max_s=number(forward, "retry_max_s", float, 30.0, minimum=0.01),
-            timeout_s=number(forward, "timeout_s", float, 10.0, minimum=0.1),
-            quiet_s=number(series, "quiet_s", float, 3.0, minimum=0.0),
+            forward_batch=number(forward, "batch", int, 32, minimum=1, where="forward"),
+            forward_workers=number(forward, "workers", int, 2, minimum=1, where="forward"),
+            retry_initial_s=number(
+                forward, "retry_initial_s", float, 1.0, minimum=0.01, where="forward"
+            ),
+            retry_max_s=number(forward, "retry_max_s", float, 30.0, minimum=0.01, where="forward"),
+            timeout_s=number(forward, "timeout_s", float, 10.0, minimum=0.1, where="forward"),
+            quiet_s=number(series, "quiet_s", float, 3.0, minimum=0.0, where="series"),
             complete_on_release=bool(series.get("complete_on_release", True)),
             hold=hold,
             report=bool(cfg.get("report", True)),
@@ -140,6 +153,7 @@ class NodeSettings:
             accept_non_image=bool(cfg.get("accept_non_image", False)),
             device=str(cfg.get("device", "cpu")),
             threads=number(cfg, "threads", int, None, minimum=1, optional=True),
+            check_processes=_processes(check),
             options=options,
         )
 

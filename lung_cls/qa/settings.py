@@ -62,10 +62,13 @@ def number(
     *,
     minimum: Any = None,
     optional: bool = False,
+    where: str | None = None,
 ) -> Any:
     """``cfg[key]`` as ``kind`` (int or float; null only if ``optional``); a value of the wrong
-    type or below ``minimum`` is a `ConfigError` naming the key, not a traceback."""
+    type or below ``minimum`` is a `ConfigError` naming the key (``where.key`` when ``cfg`` is
+    the section ``where`` of the config), not a traceback."""
     value = cfg.get(key, default)
+    key = f"{where}.{key}" if where else key
     what = "an integer" if kind is int else "a number"
     if value is None:
         if optional:

@@ -1,0 +1,194 @@
+"""The check in worker processes (``check.processes``): the same verdicts as the check in the
+node's own process, a worker that dies loses no series, and a model that does not load is one
+line at start. No network: instances are put into the spool the way the SCP puts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import compose
+from node_helpers import (
+    audit_rows,
+    fake_ensemble,
+    free_port,
+    node_env,
+    phantom_image,
+    scratch_checkpoint,
+    wait_for,
+    write_series,
+)
+
+from lung_cls.errors import ConfigError, UserError
+from lung_cls.node.check import REJECTED
+from lung_cls.node.server import MAX_CHECK_ATTEMPTS, Node
+from lung_cls.node.settings import NodeSettings
+from lung_cls.node.workers import CheckPool, check_and_report
+
+
+def settings(spool: Path, model: Path | None = None, **kw) -> NodeSettings:
+    base = dict(
+        spool=spool, backend="torch", model_paths=[model] if model else [], port=0,
+        forward_port=free_port(), quiet_s=0.0, timeout_s=2.0,
+    )  # fmt: skip
+    base.update(kw)
+    return NodeSettings(**base)
+
+
+def received(node: Node, files: list[Path]) -> str:
+    """Spool and record ``files`` as the SCP does; returns their series."""
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        series, sop = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        rel = node.spool.store(series, sop, f.read_bytes())
+        node.audit.add_received(
+            {"sop_instance_uid": sop, "series_instance_uid": series, "file": rel,
+             "study_instance_uid": str(ds.StudyInstanceUID), "patient_id": str(ds.PatientID),
+             "sop_class_uid": str(ds.SOPClassUID), "calling_ae": "MODALITY"}
+        )  # fmt: skip
+    return series
+
+
+def spooled(node: Node, series: str) -> list[tuple[str, Path]]:
+    rows = node.audit.series_rows(series, "received")
+    return [(r["sop_instance_uid"], node.spool.path(r["file"])) for r in rows]
+
+
+def checked(node: Node, series: str, timeout: float = 120) -> dict:
+    """Run the checker until ``series`` has left ``received``; its rows (and its report's)."""
+
+    def done():
+        node.check_ready()
+        rows = {s: r for s, r in audit_rows(node.spool.root).items()
+                if series in (r["series_instance_uid"], r["report_for"])}  # fmt: skip
+        return rows if rows and all(r["state"] != "received" for r in rows.values()) else None
+
+    return wait_for(done, timeout, 0.05, f"series {series} checked")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return scratch_checkpoint(tmp_path_factory.mktemp("model") / "scratch.ckpt")
+
+
+def test_check_processes_give_the_verdicts_of_the_check_in_process(ckpt, tmp_path):
+    """Perfusion and ventilation images, declared either way: the pool's verdict, probability and
+    report equal those of `check_and_report` run here on the same files with the same model."""
+    s = settings(tmp_path / "spool", ckpt, report=True, check_processes=1)
+    node = Node(s, None, version="9.9")
+    series = [
+        received(node, write_series(tmp_path / f"in{i}", desc, image=phantom_image(label, i)))
+        for i, (desc, label) in enumerate(
+            [("LUNG PERF ANT", 1), ("LUNG PERF ANT", 0), ("LUNG VENT ANT", 0)]
+        )
+    ]  # fmt: skip
+    here = {sr: check_and_report(s.load_ensemble(), spooled(node, sr), node.ctx) for sr in series}
+    node.pool.start()
+    try:
+        for sr in series:
+            rows = checked(node, sr)
+            images = [r for r in rows.values() if r["status"] != "report"]
+            report = [r for r in rows.values() if r["status"] == "report"]
+            v = here[sr].verdict
+            assert {r["status"] for r in images} == {v.status}
+            assert images[0]["predicted"] == v.predicted
+            assert images[0]["prob_perfusion"] == pytest.approx(v.prob_perfusion, abs=1e-6)
+            assert len(report) == 1 and here[sr].report is not None
+            assert Path(node.spool.path(report[0]["file"])).stat().st_size > 0
+    finally:
+        node.pool.close()
+        node.audit.close()
+
+
+def test_a_killed_check_process_loses_no_series(ckpt, tmp_path, caplog):
+    """SIGKILL the worker while a series is with it: the check is lost, a new worker starts and
+    the series is checked (a real verdict, not rejected); the same with a worker killed idle."""
+    node = Node(settings(tmp_path / "spool", ckpt, report=False, check_processes=1), None)
+    node.pool.start()
+    try:
+        for i, when in enumerate(("busy", "idle")):
+            series = received(node, write_series(tmp_path / f"in{i}", "LUNG PERF ANT"))
+            victim = next(iter(node.pool._pool._processes.values())).pid
+            if when == "idle":
+                os.kill(victim, signal.SIGKILL)
+                wait_for(lambda: node.pool._pool._broken, 30, 0.05, "the pool to notice")
+            node.check_ready()
+            if when == "busy":
+                assert series in node._checking
+                os.kill(victim, signal.SIGKILL)
+            rows = checked(node, series)
+            assert {r["status"] for r in rows.values()} <= {"ok", "mismatch", "review"}
+            assert {r["state"] for r in rows.values()} <= {"queued", "held"}
+            assert victim not in {p.pid for p in node.pool._pool._processes.values()}
+        assert "its check was lost" in caplog.text  # the busy kill
+    finally:
+        node.pool.close()
+        node.audit.close()
+
+
+class _DeadPool:
+    """A pool whose every check dies with its process."""
+
+    capacity = 2
+
+    def __init__(self) -> None:
+        self.restarts = 0
+
+    def submit(self, files) -> Future:
+        f: Future = Future()
+        f.set_exception(BrokenProcessPool("a worker died"))
+        return f
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_series_that_kills_its_check_every_time_is_held_not_retried_forever(tmp_path):
+    node = Node(settings(tmp_path / "spool", report=False), fake_ensemble())
+    node.pool = pool = _DeadPool()
+    series = received(node, write_series(tmp_path / "in", "LUNG PERF ANT", n=2))
+    rows = checked(node, series, timeout=30)
+    assert {r["status"] for r in rows.values()} == {REJECTED}
+    assert {r["state"] for r in rows.values()} == {"held"}
+    assert all(f"failed {MAX_CHECK_ATTEMPTS} times" in r["held_reason"] for r in rows.values())
+    assert pool.restarts == MAX_CHECK_ATTEMPTS
+    assert not node._checking and not node._lost
+    node.audit.close()
+
+
+def test_a_model_the_check_processes_cannot_load_is_one_line(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    pool = CheckPool(settings(tmp_path / "s", bad), None, 1)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="the check processes could not load the model: .*bad"):
+        pool.start()
+    res = subprocess.run(
+        [sys.executable, "-m", "lung_cls.node", f"spool={tmp_path / 's'}", f"ckpt={bad}",
+         "listen.port=0", "check.processes=1"],
+        cwd=tmp_path, env=node_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the check processes could not load the model: "), res.stderr
+    assert str(bad) in last and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "65", "two"])
+def test_check_processes_is_a_typed_key(tmp_path, value):
+    ck = tmp_path / "m.ckpt"
+    ck.write_bytes(b"x")
+    cfg = compose(
+        [f"spool={tmp_path / 's'}", f"ckpt={ck}", f"check.processes={value}"], config_name="node"
+    )
+    with pytest.raises(ConfigError, match=r"^check\.processes="):
+        NodeSettings.from_config(cfg)
