@@ -51,8 +51,15 @@ class Pacs:
         return ae
 
     def _associate(self, contexts: Sequence[tuple[str, Sequence[str]]]) -> Any:
+        from pynetdicom import evt
+
+        from lung_cls.node.tcp import on_connection
+
         ae = self._ae(contexts)
-        assoc = ae.associate(self.host, int(self.port), ae_title=self.ae_title)
+        assoc = ae.associate(
+            self.host, int(self.port), ae_title=self.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_connection)],  # see lung_cls.node.tcp
+        )  # fmt: skip
         if not assoc.is_established:
             raise PacsUnavailable(
                 f"no association with {self.ae_title}@{self.host}:{self.port} "

@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from lung_cls.node import audit as A
+from lung_cls.node import tcp
 from lung_cls.node.audit import Audit, now_iso
 from lung_cls.node.check import PASSED, REJECTED, REPORT, LungRule, Verdict
 from lung_cls.node.forward import Pacs, PacsUnavailable, SendResult
@@ -181,6 +182,7 @@ class Node:
             (evt.EVT_RELEASED, self._assoc_ended),
             (evt.EVT_ABORTED, self._assoc_ended),
             (evt.EVT_CONN_CLOSE, self._assoc_ended),
+            (evt.EVT_CONN_OPEN, tcp.on_connection),  # no 40 ms delayed-ACK stall per C-STORE
         ]
         return ae.start_server((self.s.host, self.s.port), block=False, evt_handlers=handlers)
 
