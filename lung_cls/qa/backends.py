@@ -54,6 +54,9 @@ class Member(Protocol):
         """float32 (N, 1, S, S) -> penultimate-layer features (N, D), or None if unavailable."""
         ...
 
+    # Optional: ``probs_features(x, batch_size) -> (probs, features | None)``, both from one pass
+    # through the backbone (`Ensemble.probs_and_ood` uses it where a member has it).
+
 
 def calibrated(probs: np.ndarray, temperature: float | None) -> np.ndarray:
     """P(perfusion) with the member's stored temperature applied (Guo et al. 2017), so the review
@@ -102,6 +105,23 @@ class TorchMember:
         from lung_cls.qa.ood import net_features
 
         return net_features(self.net, torch.from_numpy(x).to(self.device), batch_size)
+
+    def probs_features(self, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """P(perfusion) and the penultimate-layer features from one pass through the backbone
+        (`probs` and `features` each run it: twice the time when the image gate needs both)."""
+        import torch
+
+        net = self.net.eval()
+        probs, feats = [], []
+        with torch.no_grad():
+            for s in range(0, len(x), batch_size):
+                xb = net.adapter(torch.from_numpy(x[s : s + batch_size]).to(self.device))
+                body = net.net.forward_features(xb)
+                feats.append(net.net.forward_head(body, pre_logits=True).float().flatten(1))
+                probs.append(torch.softmax(net.net.forward_head(body).float(), dim=1)[:, 1])
+        p = torch.cat(probs).double().cpu().numpy() if probs else np.zeros(0)
+        f = torch.cat(feats).cpu().numpy() if feats else np.zeros((0, 0), np.float32)
+        return calibrated(p, self.temperature), f
 
     def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
@@ -173,6 +193,21 @@ class OnnxMember:
         ]
         return calibrated(np.concatenate(probs).astype(np.float64).reshape(-1), self.temperature)
 
+    def probs_features(
+        self, x: np.ndarray, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Both outputs of one ``session.run`` (an export without features: probs and None)."""
+        if FEATURES_NAME not in {o.name for o in self.session.get_outputs()}:
+            return self.probs(x, batch_size), None
+        runs = [
+            self.session.run([OUTPUT_NAMES[1], FEATURES_NAME], {INPUT_NAME: x[s : s + batch_size]})
+            for s in range(0, len(x), batch_size)
+        ]
+        probs = np.concatenate([r[0] for r in runs]).astype(np.float64).reshape(-1)
+        return calibrated(probs, self.temperature), np.concatenate([r[1] for r in runs]).astype(
+            np.float32
+        )
+
     def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int) -> np.ndarray:
         raise RuntimeError("CAM needs the torch backend")
 
@@ -239,6 +274,27 @@ class Ensemble:
         x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
         per = [ood_scores(m.ood, m.features(x, batch_size), images) for m in self.runners]
         return np.mean(per, axis=0)
+
+    def probs_and_ood(
+        self, images: np.ndarray, batch_size: int = 32, gate: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`member_probs` and (with ``gate`` and references) `ood_scores` of the same images,
+        each member's backbone run once for both where it can (``probs_features``)."""
+        from lung_cls.qa.ood import ood_scores
+
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
+        want = gate and self.has_ood and len(images) > 0
+        probs, per = [], []
+        for m in self.runners:
+            fused = getattr(m, "probs_features", None) if want else None
+            if fused is not None:
+                p, f = fused(x, batch_size)
+            else:
+                p, f = m.probs(x, batch_size), (m.features(x, batch_size) if want else None)
+            probs.append(p)
+            if want:
+                per.append(ood_scores(m.ood, f, images))
+        return np.stack(probs), (np.mean(per, axis=0) if want else None)
 
     def cams(self, images: np.ndarray, targets: Sequence[int], batch_size: int = 16) -> np.ndarray:
         """Grad-CAM of each image for its target class, averaged over the members: (N, S, S)."""

@@ -92,9 +92,9 @@ def score(ens: Ensemble, chunk: Sequence[Prepared], opts: PredictOptions) -> Non
     if not chunk:
         return
     images = np.stack([c.image for c in chunk])
-    probs = ens.member_probs(images, batch_size=opts.batch_size)  # (M, N)
+    # (M, N) probabilities and the OOD scores from one pass of each backbone.
+    probs, ood = ens.probs_and_ood(images, opts.batch_size, gate=opts.image_gate)
     declared = [c.row["declared"] for c in chunk]
-    ood = ens.ood_scores(images, opts.batch_size) if opts.image_gate else None
     identity = training_identity(ens)
     decided = decide_batch(probs, declared, opts.review_band, opts.review_sd)
     for j, (c, fields) in enumerate(zip(chunk, decided, strict=True)):
