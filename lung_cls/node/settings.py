@@ -162,4 +162,8 @@ class NodeSettings:
 
         if self.backend == "onnx":
             return load_onnx_ensemble(self.model_paths, threads=self.threads)
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         return load_torch_ensemble(self.model_paths, device=self.device)
