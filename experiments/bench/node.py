@@ -1,6 +1,7 @@
 """Load on the QA node: concurrent storescu senders -> node -> Orthanc, torch and ONNX backends.
 
     python experiments/bench/node.py [--studies 60] [--senders 4] [--size 224] [--backends torch onnx]
+        [--rate STUDIES_PER_S] [--check-processes N] [--forward-workers N] [--no-report]
 
 Each study is a V/Q pair as a camera sends it: a ventilation and a perfusion series of two
 instances each (ANTERIOR, POSTERIOR), one storescu association per study, ``--senders`` senders
@@ -15,7 +16,11 @@ Printed per backend, from the node's own audit log:
 * the same from the moment the series was complete (its last instance received), which leaves out
   the wait for the rest of the series;
 
-and the targets: >= 20 studies/s sustained, p95 < 2 s.
+and the targets: >= 20 studies/s sustained, p95 < 2 s. Then, measured alone on this process after
+the load: the CPU of one series check (QA gate, model, SR) and of the model's pass, and from them
+how many cores the goal would need. ``--rate`` paces the sends (study k at k / rate seconds), for
+the latency at a sustained load rather than the backlog of a burst. The checkpoint carries an OOD
+reference, as a trained one does (``--no-ood``: without), so the check runs the image gate.
 """
 
 from __future__ import annotations
@@ -133,7 +138,7 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
         storescu(port, warm[0])
         wait_all(spool, 4 + (0 if args.no_report else 2))
         studies = write_studies(work / f"in-{name}", args.studies, seed=args.seed)
-        queue = list(studies)
+        queue = list(enumerate(studies))[::-1]
         lock = threading.Lock()
         failures = []
 
@@ -142,7 +147,9 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
                 with lock:
                     if not queue:
                         return
-                    files = queue.pop()
+                    k, files = queue.pop()
+                if args.rate:  # study k is sent at t0 + k / rate (if a sender is free by then)
+                    time.sleep(max(0.0, t0 + k / args.rate - time.time()))
                 if storescu(port, files) != 0:
                     failures.append(files[0])
 
@@ -190,6 +197,69 @@ def run_backend(name: str, model_arg: str, args, pacs, work: Path) -> dict:
     }
 
 
+def check_cost(name: str, model_path: Path, series: list[Path], args, repeats: int = 10) -> dict:
+    """CPU seconds of one series check as a check process does it (`check_and_report`: headers,
+    QA gate, model, SR) and of the model's forward pass alone, on this process, 1 thread."""
+    from lung_cls.node.check import LungRule
+    from lung_cls.node.workers import CheckContext, check_and_report
+    from lung_cls.qa.backends import load_onnx_ensemble, load_torch_ensemble
+    from lung_cls.qa.batch import PredictOptions
+
+    if name == "onnx":
+        ens = load_onnx_ensemble([model_path], threads=args.threads)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        ens = load_torch_ensemble([model_path])
+    ctx = CheckContext(LungRule(), PredictOptions(batch_size=1), not args.no_report, "LUNG_QA", "b")
+    files = [(str(k), p) for k, p in enumerate(series)]
+    x = np.zeros((1, args.size, args.size), np.uint8)
+
+    def cpu(fn) -> float:
+        fn()  # warm
+        t = time.process_time()
+        for _ in range(repeats):
+            fn()
+        return (time.process_time() - t) / repeats
+
+    return {
+        "check": cpu(lambda: check_and_report(ens, files, ctx)),
+        "model": cpu(lambda: ens.probs_and_ood(x, 1)),
+        "two_pass": cpu(lambda: (ens.member_probs(x, 1), ens.ood_scores(x, 1))),
+        "ood": ens.has_ood,
+    }
+
+
+def attach_reference(ckpt: Path, size: int, seed: int) -> None:
+    """Give the scratch checkpoint the image gate's OOD reference, fitted on phantom studies, as
+    training gives a real one: the check then runs the gate's features, as in deployment."""
+    import torch
+
+    from lung_cls.data.phantom import simulate_cohort
+    from lung_cls.data.preprocess import prep_config, preprocess_set
+    from lung_cls.models.classifier import load_lung_net
+    from lung_cls.qa.ood import (
+        REFERENCE_KEY,
+        build_reference,
+        net_features,
+        pixel_vectors,
+        to_storable,
+    )
+
+    cases = simulate_cohort({}, 40, 40, seed + 7)
+    images, _ = preprocess_set([c.image for c in cases], prep_config({"size": size}))
+    net, _ = load_lung_net(str(ckpt))
+    feats = net_features(net, torch.from_numpy(images).float()[:, None] / 255.0)
+    pix = pixel_vectors(images)
+    ref = build_reference(
+        {"features": feats[:60], "pixels": pix[:60]}, {"features": feats[60:], "pixels": pix[60:]}
+    )
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    stored[REFERENCE_KEY] = to_storable(ref)
+    torch.save(stored, ckpt)
+
+
 def wait_all(spool: Path, n: int, timeout: float = 900) -> list[dict]:
     end = time.time() + timeout
     while time.time() < end:
@@ -212,11 +282,19 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["torch", "onnx"])
     p.add_argument("--no-report", action="store_true", help="report=false: no SR per series")
     p.add_argument(
+        "--no-ood", action="store_true",
+        help="a checkpoint without the image gate's OOD reference (no feature scores)",
+    )  # fmt: skip
+    p.add_argument(
         "--forward-workers", type=int, default=2, help="forward.workers: associations to the PACS"
     )
     p.add_argument(
         "--check-processes", type=int, default=1,
         help="check.processes: worker processes the check runs in (0: in the node's process)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rate", type=float, default=None,
+        help="studies per second offered (paced sends); default: as fast as the senders go",
     )  # fmt: skip
     p.add_argument("--work", type=Path, default=None, help="keep spools and logs here")
     args = p.parse_args()
@@ -231,6 +309,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         ckpt = work / "scratch.ckpt"
         _bench_predict().save_scratch_checkpoint(ckpt, "resnet18", args.size)
+        if not args.no_ood:
+            attach_reference(ckpt, args.size, args.seed)
         models = {"torch": f"ckpt={ckpt}"}
         if "onnx" in args.backends:
             export_checkpoint(ckpt, work / "onnx")
@@ -240,11 +320,16 @@ def main() -> None:
             results = [run_backend(b, models[b], args, pacs, work) for b in args.backends]
         finally:
             pacs.stop()
+        one_series = write_studies(work / "cost", 1, seed=98)[0][:2]
+        paths = {"torch": ckpt, "onnx": work / "onnx"}
+        for r in results:  # measured after the load, alone on this process
+            r["cost"] = check_cost(r["backend"], paths[r["backend"]], one_series, args)
     print(
         f"{args.studies} V/Q studies x 2 series x 2 instances, {args.senders} concurrent storescu, "
         f"resnet18 at {args.size} px, series.quiet_s={args.quiet}, complete_on_release=true, "
         f"forward.workers={args.forward_workers}, check.processes={args.check_processes}, "
-        f"report={not args.no_report}"
+        f"report={not args.no_report}, offered "
+        f"{f'{args.rate:g} studies/s' if args.rate else 'as fast as the senders go'}"
     )
     for r in results:
         print(
@@ -263,6 +348,19 @@ def main() -> None:
             f"       CPU per study: node {node_cpu:.3f} s, Orthanc {pacs_cpu:.3f} s -> two free "
             f"cores would carry ~{2 / (node_cpu + pacs_cpu):.1f} studies/s (node alone "
             f"{2 / node_cpu:.1f}); a projection from CPU time, not a measured rate"
+        )
+        c = r["cost"]
+        rest = node_cpu - 2 * c["check"]
+        print(
+            f"       of which: 2 series checks x {c['check']:.3f} s (the model's pass "
+            f"{c['model']:.3f} s of each{', with the gate features' if c['ood'] else ''}; "
+            f"probabilities and features in two passes: {c['two_pass']:.3f} s) + "
+            f"{rest:.3f} s DICOM in/out, spool and audit (measured alone, 1 thread)"
+        )
+        print(
+            f"       floor at the goal (20 studies/s = 40 checks/s): the model alone needs "
+            f"{40 * c['model']:.2f} cores, the checks {40 * c['check']:.2f}, checks + DICOM + "
+            f"Orthanc {20 * (node_cpu + pacs_cpu):.2f}; this machine has {os.cpu_count()}"
         )
 
 
