@@ -119,6 +119,8 @@ def test_a_killed_check_process_loses_no_series(ckpt, tmp_path, caplog):
             if when == "idle":
                 os.kill(victim, signal.SIGKILL)
                 wait_for(lambda: node.pool._pool._broken, 30, 0.05, "the pool to notice")
+            if when == "busy":  # stopped first, so that it cannot finish the check before it dies
+                os.kill(victim, signal.SIGSTOP)
             node.check_ready()
             if when == "busy":
                 assert series in node._checking
