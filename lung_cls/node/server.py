@@ -102,8 +102,10 @@ class Node:
             CheckPool(settings, self.ctx, settings.check_processes)
             if settings.check_processes > 0 else None
         )  # fmt: skip
-        self._checking: dict[str, tuple[Any, list[dict[str, Any]]]] = {}  # series -> in a process
-        self._lost: dict[str, int] = defaultdict(int)
+        # series -> (future, its rows, when it was handed to a check process)
+        self._checking: dict[str, tuple[Any, list[dict[str, Any]], float]] = {}
+        self._lost: dict[str, int] = defaultdict(int)  # series -> checks lost with a process
+        self._draining = False  # the pool was killed; its checks are still coming back
         self.pacs = Pacs(
             settings.forward_host, settings.forward_port, settings.forward_ae,
             calling_ae=settings.ae_title, timeout_s=settings.timeout_s,
@@ -294,7 +296,7 @@ class Node:
         """Wait for a check process to answer, at most ``seconds`` (or for the stop)."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        futures = [f for f, _ in self._checking.values()]
+        futures = [f for f, _, _ in self._checking.values()]
         if futures:
             wait(futures, timeout=seconds, return_when=FIRST_COMPLETED)
         else:
@@ -310,16 +312,33 @@ class Node:
 
     def check_ready(self) -> int:
         """Check every series that is complete (with check processes: hand it to them, and
-        apply what they have sent back); returns how many."""
+        apply what they have sent back); returns how many.
+
+        A series whose check was lost with its process (a *suspect*: it may be the one that
+        kills or hangs the check) goes first, and alone: nothing else is in flight while it is
+        checked, so a series that only shared the pool with it is not blamed twice."""
         n = self._collect() if self._checking else 0
-        for item in self.audit.pending_series():
+        if self._draining:
+            if self._checking:
+                return n  # the killed pool's checks are not all back yet
+            self._draining = False
+        pending = self.audit.pending_series()
+        if self.pool is not None:
+            pending.sort(key=lambda item: item["series"] not in self._lost)  # suspects first
+        for item in pending:
             if self._stop.is_set():
                 break
-            if item["series"] in self._checking:
+            series = item["series"]
+            if series in self._checking:
                 continue
-            if self.pool is not None and len(self._checking) >= self.pool.capacity:
-                break
-            if self._ready(item["series"], item["last"]):
+            if self.pool is not None:
+                if len(self._checking) >= self.pool.capacity:
+                    break
+                if any(s in self._lost for s in self._checking):
+                    break  # a suspect is being checked alone
+                if series in self._lost and self._checking:
+                    break  # the suspect waits until the others are back
+            if self._ready(series, item["last"]):
                 self.process_series(item["series"])
                 with self._lock:
                     self._released.discard(item["series"])
@@ -357,7 +376,7 @@ class Node:
             except BrokenProcessPool:  # a worker died while idle: the pool refuses new work
                 self.pool.restart()
                 future = self.pool.submit(files)
-            self._checking[series] = (future, rows)
+            self._checking[series] = (future, rows, time.monotonic())
 
     def _collect(self) -> int:
         """Apply the outcomes the check processes have sent back; returns how many. A check lost
@@ -366,8 +385,16 @@ class Node:
         from concurrent.futures.process import BrokenProcessPool
 
         n, broken = 0, False
-        for series in [s for s, (f, _) in self._checking.items() if f.done()]:
-            future, rows = self._checking.pop(series)
+        now = time.monotonic()
+        hung = [s for s, (f, _, t) in self._checking.items()
+                if not f.done() and now - t > self.s.check_timeout_s]  # fmt: skip
+        if hung and not self._stop.is_set():
+            log.error("series %s: no answer from its check in %.0f s; the check processes are "
+                      "killed and started again", ", ".join(hung), self.s.check_timeout_s)  # fmt: skip
+            self.pool.kill()  # its futures fail as a crash's do: lost checks, below
+            self._draining = True  # nothing new goes to the dying pool
+        for series in [s for s, (f, _, _) in self._checking.items() if f.done()]:
+            future, rows, _ = self._checking.pop(series)
             try:
                 outcome = future.result()
             except Exception as err:  # noqa: BLE001 - the worker died or could not answer

@@ -85,6 +85,8 @@ class NodeSettings:
     accept_non_image: bool = False
     device: str = "cpu"
     threads: int | None = None
+    check_timeout_s: float = 120.0
+    """A check that has not answered in this long is taken for hung: its process is killed."""
     check_processes: int = 0
     """Worker processes the check runs in (`lung_cls.node.workers`); 0: in the node's process.
     ``conf/node.yaml`` says 1; the dataclass says 0 for the in-memory models of the tests."""
@@ -154,6 +156,7 @@ class NodeSettings:
             device=str(cfg.get("device", "cpu")),
             threads=number(cfg, "threads", int, None, minimum=1, optional=True),
             check_processes=_processes(check),
+            check_timeout_s=number(check, "timeout_s", float, 120.0, minimum=1.0, where="check"),
             options=options,
         )
 

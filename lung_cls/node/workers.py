@@ -225,6 +225,14 @@ class CheckPool:
         assert self._pool is not None, "CheckPool.start() first"
         return self._pool.submit(_check, files)
 
+    def kill(self) -> None:
+        """SIGKILL every worker (a check that hangs): the pool breaks, and its futures fail as
+        they do when a worker crashes."""
+        if self._pool is not None:
+            # The executor's own table of its worker processes (CPython, stable since 3.3).
+            for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                proc.kill()
+
     def restart(self) -> None:
         log.warning("a check process died; starting new ones")
         self.close()

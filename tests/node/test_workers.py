@@ -27,10 +27,10 @@ from node_helpers import (
 )
 
 from lung_cls.errors import ConfigError, UserError
-from lung_cls.node.check import REJECTED
+from lung_cls.node.check import REJECTED, Verdict
 from lung_cls.node.server import MAX_CHECK_ATTEMPTS, Node
 from lung_cls.node.settings import NodeSettings
-from lung_cls.node.workers import CheckPool, check_and_report
+from lung_cls.node.workers import CheckPool, Outcome, check_and_report
 
 
 def settings(spool: Path, model: Path | None = None, **kw) -> NodeSettings:
@@ -168,6 +168,84 @@ def test_a_series_that_kills_its_check_every_time_is_held_not_retried_forever(tm
     node.audit.close()
 
 
+class _SharedFatePool:
+    """A pool in which one series (``poison``) kills every check in flight with it, as a worker
+    crash does; `settle` answers what was handed over since the last call."""
+
+    capacity = 2
+
+    def __init__(self, poison: set[str]) -> None:
+        self.poison, self.pending, self.restarts = poison, [], 0
+        self.lost: dict[str, int] = {}
+
+    def submit(self, files) -> Future:
+        f: Future = Future()
+        self.pending.append((f, {sop for sop, _ in files}))
+        return f
+
+    def settle(self) -> None:
+        doomed = any(sops & self.poison for _, sops in self.pending)
+        for f, sops in self.pending:
+            if doomed:
+                key = "poison" if sops & self.poison else min(sops)
+                self.lost[key] = self.lost.get(key, 0) + 1
+                f.set_exception(BrokenProcessPool("a worker died"))
+            else:
+                f.set_result(Outcome(Verdict("ok", "perfusion", "perfusion", 0.9)))
+        self.pending = []
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_series_that_crashes_its_check_is_retried_alone_so_the_others_are_not_blamed(tmp_path):
+    """Three series, one of which kills whatever shares the pool with it: after the first crash
+    the suspect is checked alone, so it alone is held (3 lost checks) and the others are checked
+    (each lost at most once, in the first crash)."""
+    node = Node(settings(tmp_path / "spool", report=False), fake_ensemble())
+    poison_files = write_series(tmp_path / "p", "LUNG PERF ANT")
+    poison = received(node, poison_files)
+    others = [received(node, write_series(tmp_path / f"o{i}", "LUNG PERF ANT")) for i in range(2)]
+    node.pool = pool = _SharedFatePool({pydicom.dcmread(poison_files[0]).SOPInstanceUID})
+
+    def settled():
+        node.check_ready()
+        pool.settle()
+        node.check_ready()
+        rows = audit_rows(node.spool.root).values()
+        return rows if all(r["state"] != "received" for r in rows) else None
+
+    rows = {r["series_instance_uid"]: r for r in wait_for(settled, 30, 0.01, "every series")}
+    assert rows[poison]["status"] == REJECTED and rows[poison]["state"] == "held"
+    assert f"failed {MAX_CHECK_ATTEMPTS} times" in rows[poison]["held_reason"]
+    assert [rows[s]["status"] for s in others] == ["ok", "ok"]
+    assert pool.lost.pop("poison") == MAX_CHECK_ATTEMPTS
+    assert all(n <= 1 for n in pool.lost.values()), pool.lost
+    node.audit.close()
+
+
+def test_a_hung_check_is_killed_after_check_timeout_s_and_done_again(ckpt, tmp_path, caplog):
+    """A worker that stops answering (SIGSTOP: a deadlock, a swapped-out machine) is killed after
+    ``check.timeout_s`` and the series is checked again by a new worker: a real verdict."""
+    s = settings(tmp_path / "spool", ckpt, report=False, check_processes=1, check_timeout_s=2.0)
+    node = Node(s, None)
+    node.pool.start()
+    try:
+        series = received(node, write_series(tmp_path / "in", "LUNG PERF ANT"))
+        victim = next(iter(node.pool._pool._processes.values())).pid
+        os.kill(victim, signal.SIGSTOP)
+        rows = checked(node, series)
+        assert {r["status"] for r in rows.values()} <= {"ok", "mismatch", "review"}
+        assert "no answer from its check in 2 s" in caplog.text
+        assert victim not in {p.pid for p in node.pool._pool._processes.values()}
+    finally:
+        node.pool.close()
+        node.audit.close()
+
+
 def test_a_model_the_check_processes_cannot_load_is_one_line(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
@@ -185,14 +263,16 @@ def test_a_model_the_check_processes_cannot_load_is_one_line(tmp_path):
     assert str(bad) in last and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("value", ["-1", "65", "two"])
-def test_check_processes_is_a_typed_key(tmp_path, value):
+@pytest.mark.parametrize(
+    "override",
+    ["check.processes=-1", "check.processes=65", "check.processes=two", "check.timeout_s=0"],
+)
+def test_check_keys_are_typed(tmp_path, override):
     ck = tmp_path / "m.ckpt"
     ck.write_bytes(b"x")
-    cfg = compose(
-        [f"spool={tmp_path / 's'}", f"ckpt={ck}", f"check.processes={value}"], config_name="node"
-    )
-    with pytest.raises(ConfigError, match=r"^check\.processes="):
+    cfg = compose([f"spool={tmp_path / 's'}", f"ckpt={ck}", override], config_name="node")
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + "="):
         NodeSettings.from_config(cfg)
 
 
