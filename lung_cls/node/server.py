@@ -411,8 +411,8 @@ class Node:
             self._lost.pop(series, None)
             self._finish(series, rows, outcome)
             n += 1
-        if broken and not self._stop.is_set():
-            self.pool.restart()
+        if broken and self.pool.broken and not self._stop.is_set():
+            self.pool.restart()  # not again for the late failures of a pool already replaced
         return n
 
     def _finish(self, series: str, rows: list[dict[str, Any]], outcome: Outcome) -> None:

@@ -225,6 +225,12 @@ class CheckPool:
         assert self._pool is not None, "CheckPool.start() first"
         return self._pool.submit(_check, files)
 
+    @property
+    def broken(self) -> bool:
+        """The pool can take no more work (a worker died): `restart` it. Checks lost with an
+        earlier pool do not make this one broken."""
+        return self._pool is None or bool(getattr(self._pool, "_broken", False))
+
     def kill(self) -> None:
         """SIGKILL every worker (a check that hangs): the pool breaks, and its futures fail as
         they do when a worker crashes."""

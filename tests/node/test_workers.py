@@ -108,28 +108,35 @@ def test_check_processes_give_the_verdicts_of_the_check_in_process(ckpt, tmp_pat
 
 
 def test_a_killed_check_process_loses_no_series(ckpt, tmp_path, caplog):
-    """SIGKILL the worker while a series is with it: the check is lost, a new worker starts and
-    the series is checked (a real verdict, not rejected); the same with a worker killed idle."""
+    """SIGKILL the worker while two series are with it (one being checked, one queued): both
+    checks are lost, one new pool starts (not one per lost check) and both series are checked (a
+    real verdict, not rejected); the same with a worker killed idle."""
     node = Node(settings(tmp_path / "spool", ckpt, report=False, check_processes=1), None)
     node.pool.start()
     try:
         for i, when in enumerate(("busy", "idle")):
-            series = received(node, write_series(tmp_path / f"in{i}", "LUNG PERF ANT"))
+            series = [
+                received(node, write_series(tmp_path / f"in{i}{k}", "LUNG PERF ANT"))
+                for k in range(2 if when == "busy" else 1)
+            ]
             victim = next(iter(node.pool._pool._processes.values())).pid
             if when == "idle":
                 os.kill(victim, signal.SIGKILL)
-                wait_for(lambda: node.pool._pool._broken, 30, 0.05, "the pool to notice")
-            if when == "busy":  # stopped first, so that it cannot finish the check before it dies
+                wait_for(lambda: node.pool.broken, 30, 0.05, "the pool to notice")
+            if when == "busy":  # stopped first, so that it cannot finish a check before it dies
                 os.kill(victim, signal.SIGSTOP)
             node.check_ready()
             if when == "busy":
-                assert series in node._checking
+                assert set(series) <= set(node._checking)
                 os.kill(victim, signal.SIGKILL)
-            rows = checked(node, series)
-            assert {r["status"] for r in rows.values()} <= {"ok", "mismatch", "review"}
-            assert {r["state"] for r in rows.values()} <= {"queued", "held"}
+            for sr in series:
+                rows = checked(node, sr)
+                assert {r["status"] for r in rows.values()} <= {"ok", "mismatch", "review"}
+                assert {r["state"] for r in rows.values()} <= {"queued", "held"}
             assert victim not in {p.pid for p in node.pool._pool._processes.values()}
-        assert "its check was lost" in caplog.text  # the busy kill
+        assert caplog.text.count("its check was lost") == 2  # the busy kill, both series
+        assert caplog.text.count("a check process died; starting new ones") == 2  # one per kill
+        assert not node._lost
     finally:
         node.pool.close()
         node.audit.close()
@@ -139,6 +146,7 @@ class _DeadPool:
     """A pool whose every check dies with its process."""
 
     capacity = 2
+    broken = True  # as a real pool is after a worker died
 
     def __init__(self) -> None:
         self.restarts = 0
@@ -173,6 +181,7 @@ class _SharedFatePool:
     crash does; `settle` answers what was handed over since the last call."""
 
     capacity = 2
+    broken = True
 
     def __init__(self, poison: set[str]) -> None:
         self.poison, self.pending, self.restarts = poison, [], 0
@@ -224,6 +233,42 @@ def test_a_series_that_crashes_its_check_is_retried_alone_so_the_others_are_not_
     assert [rows[s]["status"] for s in others] == ["ok", "ok"]
     assert pool.lost.pop("poison") == MAX_CHECK_ATTEMPTS
     assert all(n <= 1 for n in pool.lost.values()), pool.lost
+    node.audit.close()
+
+
+def test_late_failures_of_a_replaced_pool_do_not_restart_the_new_one(tmp_path):
+    """Two checks of a pool that broke fail one after the other: the first restarts the pool,
+    the second (the old pool's, collected after) must not restart the healthy new one."""
+
+    class Pool:
+        capacity, broken, restarts = 2, False, 0
+
+        def __init__(self):
+            self.futures: list[Future] = []
+
+        def submit(self, files):
+            self.futures.append(Future())
+            return self.futures[-1]
+
+        def restart(self):
+            self.restarts += 1
+            self.broken = False
+
+        def close(self):
+            pass
+
+    node = Node(settings(tmp_path / "spool", report=False), fake_ensemble())
+    node.pool = pool = Pool()
+    for i in range(2):
+        received(node, write_series(tmp_path / f"in{i}", "LUNG PERF ANT"))
+    node.check_ready()
+    first, second = pool.futures
+    pool.broken = True
+    first.set_exception(BrokenProcessPool("a worker died"))
+    node._collect()
+    second.set_exception(BrokenProcessPool("a worker died"))  # late, from the replaced pool
+    node._collect()
+    assert pool.restarts == 1
     node.audit.close()
 
 
