@@ -111,17 +111,12 @@ class TorchMember:
         (`probs` and `features` each run it: twice the time when the image gate needs both)."""
         import torch
 
-        net = self.net.eval()
-        probs, feats = [], []
-        with torch.no_grad():
-            for s in range(0, len(x), batch_size):
-                xb = net.adapter(torch.from_numpy(x[s : s + batch_size]).to(self.device))
-                body = net.net.forward_features(xb)
-                feats.append(net.net.forward_head(body, pre_logits=True).float().flatten(1))
-                probs.append(torch.softmax(net.net.forward_head(body).float(), dim=1)[:, 1])
-        p = torch.cat(probs).double().cpu().numpy() if probs else np.zeros(0)
-        f = torch.cat(feats).cpu().numpy() if feats else np.zeros((0, 0), np.float32)
-        return calibrated(p, self.temperature), f
+        from lung_cls.qa.ood import net_outputs
+
+        feats, logits = net_outputs(self.net, torch.from_numpy(x).to(self.device), batch_size)
+        probs = torch.softmax(torch.from_numpy(logits), dim=1)[:, 1] if len(logits) else None
+        p = np.zeros(0) if probs is None else probs.double().numpy()
+        return calibrated(p, self.temperature), feats
 
     def probs(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
@@ -212,6 +207,11 @@ class OnnxMember:
         raise RuntimeError("CAM needs the torch backend")
 
 
+def _unit(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S) pre-processed images -> the members' input, float32 (N, 1, S, S) in [0, 1]."""
+    return np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
+
+
 # slots: an attribute set from outside (a misspelt or an old name) fails instead of being ignored.
 @dataclass(slots=True)
 class Ensemble:
@@ -256,7 +256,7 @@ class Ensemble:
 
     def member_probs(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 (N, S, S) pre-processed images -> P(perfusion) per member, float64 (M, N)."""
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
+        x = _unit(images)
         return np.stack([m.probs(x, batch_size) for m in self.runners])
 
     @property
@@ -271,7 +271,7 @@ class Ensemble:
 
         if not self.has_ood or len(images) == 0:
             return None
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
+        x = _unit(images)
         per = [ood_scores(m.ood, m.features(x, batch_size), images) for m in self.runners]
         return np.mean(per, axis=0)
 
@@ -282,7 +282,7 @@ class Ensemble:
         each member's backbone run once for both where it can (``probs_features``)."""
         from lung_cls.qa.ood import ood_scores
 
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / np.float32(255.0)
+        x = _unit(images)
         want = gate and self.has_ood and len(images) > 0
         probs, per = [], []
         for m in self.runners:

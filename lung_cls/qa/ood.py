@@ -250,22 +250,30 @@ def to_json(ref: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ training time
-def net_features(net: Any, x: Any, batch_size: int = 64) -> np.ndarray:
-    """Penultimate-layer features of a LungNet (grey input adapter + timm backbone): (N, D)."""
+def net_outputs(net: Any, x: Any, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate-layer features (N, D) and logits (N, C) of a LungNet (grey input adapter + timm
+    backbone), both from one pass through the backbone."""
     import torch
 
-    out = []
+    feats, logits = [], []
     was = net.training
     net.eval()
     try:
         with torch.no_grad():
             for s in range(0, len(x), batch_size):
-                xb = net.adapter(x[s : s + batch_size])
-                f = net.net.forward_head(net.net.forward_features(xb), pre_logits=True)
-                out.append(f.float().flatten(1).cpu().numpy())
+                body = net.net.forward_features(net.adapter(x[s : s + batch_size]))
+                feats.append(net.net.forward_head(body, pre_logits=True).float().flatten(1))
+                logits.append(net.net.forward_head(body).float())
     finally:
         net.train(was)
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu().numpy()
+
+
+def net_features(net: Any, x: Any, batch_size: int = 64) -> np.ndarray:
+    """Penultimate-layer features of a LungNet: (N, D)."""
+    return net_outputs(net, x, batch_size)[0]
 
 
 def split_identity(datamodule: Any, split: str) -> dict[str, list[str]]:
